@@ -1,0 +1,127 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore.
+
+The YAML files under conf/ are merged onto `Config`, so an unknown key or a wrong type fails at
+load time. `validate` turns impossible values into one `UserError` that says what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+
+
+class UserError(ValueError):
+    """Bad input from the person running the job: printed as one paragraph, exit code 2."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to run and where its weights come from."""
+
+    # "demo": pixel space with the small built-in text encoder; more families in later issues.
+    family: str = "demo"
+    # STDiT3 size name (models.stdit3.CONFIGS); ignored when the weights carry a config.json.
+    arch: str = "STDiT3-demo"
+    # A local checkpoint: a directory (config.json + safetensors) or a .safetensors file.
+    # None means random weights drawn from init_seed (said plainly in the output and report).
+    weights: Optional[str] = None
+    init_seed: int = 0
+    # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU).
+    dtype: str = "float32"
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "rflow"
+    num_steps: int = 30
+    cfg_scale: float = 7.0
+    use_timestep_transform: bool = True
+    num_timesteps: int = 1000
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # One prompt, or a file with one prompt per line (blank lines and lines starting with # skipped).
+    prompt: Optional[str] = None
+    prompts_file: Optional[str] = None
+    seed: int = 42
+    num_frames: int = 16
+    height: int = 32
+    width: int = 32
+    fps: int = 24
+    output_dir: str = "outputs"
+    # auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    # Show a per-step progress bar on stderr.
+    progress: bool = True
+    # Also save the final latent (before decoding) as <name>.latent.pt, for comparisons.
+    save_latent: bool = False
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} was requested but CUDA is not available; use device=cpu or device=auto.")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"model.dtype={name} is not known; use one of: auto, {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def read_prompts(cfg: Config) -> list[str]:
+    """The prompts to generate, in order. Exactly one of prompt / prompts_file must be given."""
+    if cfg.prompt is not None and cfg.prompts_file is not None:
+        raise UserError("both prompt and prompts_file are set; give only one of them.")
+    if cfg.prompts_file is not None:
+        try:
+            with open(cfg.prompts_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise UserError(
+                f"cannot read prompts_file={cfg.prompts_file!r} ({e.strerror}); "
+                "give a readable text file with one prompt per line."
+            ) from None
+        prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not prompts:
+            raise UserError(f"prompts_file={cfg.prompts_file!r} has no prompts; write one prompt per line.")
+        return prompts
+    if cfg.prompt is None or not cfg.prompt.strip():
+        raise UserError('the prompt is empty; pass prompt="a red circle moves left" or prompts_file=FILE.')
+    return [cfg.prompt.strip()]
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that do not need the model; run before anything heavy (or any collective)."""
+    problems = []
+    if cfg.num_frames < 1:
+        problems.append(f"num_frames must be >= 1 (got {cfg.num_frames})")
+    if cfg.height < 1 or cfg.width < 1:
+        problems.append(f"height and width must be >= 1 (got {cfg.height}x{cfg.width})")
+    if cfg.sampler.num_steps < 1:
+        problems.append(f"sampler.num_steps must be >= 1 (got {cfg.sampler.num_steps})")
+    if cfg.fps < 1:
+        problems.append(f"fps must be >= 1 (got {cfg.fps})")
+    if cfg.sampler.name != "rflow":
+        problems.append(f"sampler.name={cfg.sampler.name!r} is not known; use rflow")
+    if problems:
+        raise UserError("invalid configuration: " + "; ".join(problems) + ".")

@@ -1,0 +1,156 @@
+"""Generate videos from prompts: the main SkipSync job (a Hydra app over conf/config.yaml).
+
+    python -m runner.generate prompt="a red circle moves left on a dark background"
+    python -m runner.generate prompts_file=prompts.txt seed=1 sampler.num_steps=30 output_dir=out
+    skipsync prompt="..."                      # the same, as a console script
+
+Each video is written as <output_dir>/<index>-<slug>.mp4 with a JSON run report next to it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from models.loading import CheckpointError
+from runner import report as run_report
+from runner.config import Config, UserError, read_prompts, register_configs, resolve_device, resolve_dtype, validate
+from runner.pipeline import build_pipeline
+from runner.sampler import SamplerSettings, check_finite, make_timesteps, sample
+from runner.video import to_uint8, write_video
+
+register_configs()
+
+
+def slug(text: str, n: int = 40) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:n].rstrip("-") or "video"
+
+
+def check_output_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(
+            f"cannot write to output_dir={path!r} ({e.strerror}); choose a writable directory, e.g. output_dir=outputs."
+        ) from None
+
+
+def prompt_seed(base_seed: int, index: int) -> int:
+    """The noise seed of prompt `index`: independent of how many GPUs or groups run the job."""
+    return base_seed + index
+
+
+def noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU from `seed`, so it is the same on every device and rank."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(device)
+
+
+@torch.no_grad()
+def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = False):
+    """-> (video (3, T, H, W) in [-1, 1], final latent, per-step seconds)."""
+    settings = SamplerSettings(**{k: getattr(cfg.sampler, k) for k in ("num_steps", "cfg_scale", "use_timestep_transform", "num_timesteps")})
+    timesteps = make_timesteps(settings, cfg.height, cfg.width, cfg.num_frames)
+    cond = pipe.encode_text([prompt])
+    z = noise((1, *pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)), seed, pipe.device)
+
+    def model_fn(z_in, t_in, info):
+        return pipe.dit(z_in, t_in, cond.y, cond.mask, fps=cfg.fps, height=cfg.height, width=cfg.width)
+
+    step_times: list[float] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(timesteps), desc="sampling", unit="step", file=sys.stderr, leave=False)
+    clock = {}
+
+    def on_step(i: int, phase: str):
+        if phase == "start":
+            clock["t0"] = time.perf_counter()
+        else:
+            step_times.append(time.perf_counter() - clock["t0"])
+            if bar is not None:
+                bar.update(1)
+
+    try:
+        z = sample(model_fn, z, settings, timesteps, pipe.latent_channels, on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
+    check_finite(z)
+    return pipe.decode(z)[0], z, step_times
+
+
+def generate(cfg: Config) -> list[dict]:
+    """Run the whole job; returns the run reports. Raises UserError / CheckpointError on bad input."""
+    t_start = time.perf_counter()
+    validate(cfg)
+    prompts = read_prompts(cfg)
+    check_output_dir(cfg.output_dir)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    torch.manual_seed(cfg.seed)
+    pipe = build_pipeline(cfg.model, device, dtype)
+    if pipe.random_weights:
+        print("note: the model has random weights (model.weights is null); the videos are not meaningful.", file=sys.stderr)
+    t_ready = time.perf_counter()
+    reports = []
+    for index, prompt in enumerate(prompts):
+        seed = prompt_seed(cfg.seed, index)
+        name = f"{index:04d}-{slug(prompt)}"
+        path = os.path.join(cfg.output_dir, name + ".mp4")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        video, latent, step_times = generate_one(pipe, cfg, prompt, seed, progress=cfg.progress)
+        t_sampled = time.perf_counter()
+        frames = to_uint8(video)
+        write_video(path, frames, fps=cfg.fps)
+        if cfg.save_latent:
+            torch.save(latent.cpu(), os.path.join(cfg.output_dir, name + ".latent.pt"))
+        rep = run_report.build(
+            cfg, pipe, device, dtype, prompt=prompt, seed=seed, output=path, frames=frames,
+            step_times=step_times, timings={
+                "setup_s": t_ready - t_start,
+                "sampling_s": t_sampled - t0,
+                "decode_and_write_s": time.perf_counter() - t_sampled,
+                "total_s": time.perf_counter() - t0,
+            },
+        )
+        run_report.write(os.path.join(cfg.output_dir, name + ".json"), rep)
+        print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
+              f"{rep['timings']['total_s']:.2f} s)", file=sys.stderr)
+        reports.append(rep)
+    return reports
+
+
+def to_config(cfg: DictConfig) -> Config:
+    return OmegaConf.to_object(cfg)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def _hydra_main(dcfg: DictConfig) -> None:
+    try:
+        generate(to_config(dcfg))
+    except (UserError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Model families: what turns prompts into conditioning and latents into frames around STDiT3.
+
+The demo family works in pixel space (the latent is the RGB video in [-1, 1], an identity
+autoencoder) with the small built-in text encoder, so it runs on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from models.loading import CheckpointError, assign_state_dict, load_stdit3, read_safetensors, resolve_checkpoint
+from models.stdit3 import STDiT3, STDiT3Config, build_stdit3, get_config
+from models.text_tiny import TinyTextConfig, TinyTextEncoder, WordTokenizer
+from runner.config import ModelConfig, UserError
+
+# The random-weight demo architecture: pixel space (3 channels), small widths.
+DEMO_ARCH = STDiT3Config(
+    depth=4, hidden_size=128, num_heads=4, patch_size=(1, 4, 4), in_channels=3, pred_sigma=False,
+    caption_channels=64, model_max_length=16,
+)
+
+
+@dataclass
+class Conditioning:
+    y: torch.Tensor  # (2B, L, Cc): [cond; null]
+    mask: torch.Tensor  # (B, L) long: the cond mask, reused for the null half as Open-Sora does
+
+
+class DemoPipeline:
+    family = "demo"
+
+    def __init__(self, dit: STDiT3, text: TinyTextEncoder, tokenizer: WordTokenizer, source: str, random_weights: bool):
+        self.dit, self.text, self.tokenizer = dit, text, tokenizer
+        self.source, self.random_weights = source, random_weights
+
+    @property
+    def device(self) -> torch.device:
+        return self.dit.x_embedder.proj.weight.device
+
+    @property
+    def latent_channels(self) -> int:
+        return self.dit.config.in_channels
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (self.latent_channels, num_frames, height, width)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> Conditioning:
+        ids, mask = self.tokenizer(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        y = self.text(ids, mask)
+        null = self.dit.null_caption[: y.shape[1]].to(y.dtype)[None].expand_as(y)
+        # Padding keys are masked out, so dropping the all-padding tail changes nothing.
+        n = int(mask.sum(1).max())
+        return Conditioning(torch.cat([y, null], 0)[:, :n], mask[:, :n])
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent (B, C, T, H, W) -> video (B, 3, T, H, W) in [-1, 1]."""
+        return z
+
+    def describe(self) -> dict:
+        return {
+            "family": self.family,
+            "weights": "random (no checkpoint; outputs are noise-like)" if self.random_weights else self.source,
+            "stdit3": self.dit.config.to_dict(),
+            "parameters": sum(p.numel() for p in self.dit.parameters()),
+        }
+
+
+def _load_demo_dir(path: str, device, dtype) -> DemoPipeline:
+    _, cfg = resolve_checkpoint(path, "dit.safetensors")
+    if cfg is None or "stdit3" not in cfg or "text_encoder" not in cfg:
+        raise CheckpointError(f"{path!r} is not a demo checkpoint: config.json with 'stdit3' and 'text_encoder' is required.")
+    dit = load_stdit3(path, dtype, device, STDiT3Config.from_dict(cfg["stdit3"]), filename="dit.safetensors")
+    tok = WordTokenizer(cfg["vocab"], cfg["text_encoder"]["max_length"])
+    with torch.device("meta"):
+        text = TinyTextEncoder(TinyTextConfig(**cfg["text_encoder"]), len(tok.vocab))
+    file, _ = resolve_checkpoint(path, "text_encoder.safetensors")
+    assign_state_dict(text, read_safetensors(file, torch.float32, device), "text-encoder checkpoint")
+    return DemoPipeline(dit, text.eval(), tok, os.path.abspath(path), random_weights=False)
+
+
+def save_demo_dir(path: str, pipe: DemoPipeline, extra: dict | None = None) -> None:
+    from models.loading import save_checkpoint
+    cfg = {
+        "family": "demo",
+        "stdit3": pipe.dit.config.to_dict(),
+        "text_encoder": asdict(pipe.text.config),
+        "vocab": pipe.tokenizer.vocab[3:],
+        **(extra or {}),
+    }
+    save_checkpoint(path, pipe.dit.state_dict(), cfg, filename="dit.safetensors")
+    save_checkpoint(path, pipe.text.state_dict(), cfg, filename="text_encoder.safetensors")
+
+
+def random_demo(arch: STDiT3Config, seed: int, device, dtype) -> DemoPipeline:
+    torch.manual_seed(seed)
+    tok = WordTokenizer(max_length=arch.model_max_length)
+    text = TinyTextEncoder(TinyTextConfig(width=arch.caption_channels, max_length=arch.model_max_length), len(tok.vocab))
+    dit = build_stdit3(arch, device=device, dtype=dtype, seed=seed)
+    return DemoPipeline(dit.eval(), text.to(device).eval(), tok, "random", random_weights=True)
+
+
+def build_pipeline(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> DemoPipeline:
+    if cfg.family != "demo":
+        raise UserError(f"model.family={cfg.family!r} is not known; use model=demo.")
+    if cfg.weights is None:
+        arch = DEMO_ARCH if cfg.arch == "STDiT3-demo" else _named_arch(cfg.arch)
+        return random_demo(arch, cfg.init_seed, device, dtype)
+    return _load_demo_dir(cfg.weights, device, dtype)
+
+
+def _named_arch(name: str) -> STDiT3Config:
+    try:
+        # Pixel space: 3 channels in, velocity only out.
+        return get_config(name, in_channels=3, pred_sigma=False)
+    except ValueError as e:
+        raise UserError(str(e) + " (or STDiT3-demo)") from None

@@ -1,0 +1,136 @@
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.flops import stdit3_flops
+from models.layers import PositionEmbedding2D, RotaryEmbedding
+from models.stdit3 import build_stdit3, get_config
+
+
+def published_layout():
+    """Key -> shape of hpcai-tech/OpenSora-STDiT-v3, written out from the published layout."""
+    c, out = 1152, 32
+    lin = lambda o, i: {"weight": (o, i), "bias": (o,)}  # noqa: E731
+    keys = {"x_embedder.proj.weight": (c, 4, 1, 2, 2), "x_embedder.proj.bias": (c,), "rope.freqs": (36,)}
+    for emb in ("t_embedder", "fps_embedder"):
+        for k, v in lin(c, 256).items():
+            keys[f"{emb}.mlp.0.{k}"] = v
+        for k, v in lin(c, c).items():
+            keys[f"{emb}.mlp.2.{k}"] = v
+    keys.update({f"t_block.1.{k}": v for k, v in lin(6 * c, c).items()})
+    keys.update({f"y_embedder.y_proj.fc1.{k}": v for k, v in lin(c, 4096).items()})
+    keys.update({f"y_embedder.y_proj.fc2.{k}": v for k, v in lin(c, c).items()})
+    keys["y_embedder.y_embedding"] = (300, 4096)
+    keys["final_layer.scale_shift_table"] = (2, c)
+    keys.update({f"final_layer.linear.{k}": v for k, v in lin(out, c).items()})
+    for kind in ("spatial", "temporal"):
+        for i in range(28):
+            p = f"{kind}_blocks.{i}."
+            keys[p + "scale_shift_table"] = (6, c)
+            parts = {
+                "attn.qkv": (3 * c, c), "attn.proj": (c, c), "cross_attn.q_linear": (c, c),
+                "cross_attn.kv_linear": (2 * c, c), "cross_attn.proj": (c, c),
+                "mlp.fc1": (4 * c, c), "mlp.fc2": (c, 4 * c),
+            }
+            for name, (o, i_) in parts.items():
+                keys[f"{p}{name}.weight"] = (o, i_)
+                keys[f"{p}{name}.bias"] = (o,)
+            keys[p + "attn.q_norm.weight"] = (72,)
+            keys[p + "attn.k_norm.weight"] = (72,)
+    return keys
+
+
+def test_xl2_matches_published_layout():
+    model = build_stdit3(get_config("STDiT3-XL/2"), device="meta")
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == published_layout()
+    assert sum(math.prod(s) for s in got.values()) == 1_208_872_772
+
+
+@pytest.mark.parametrize("size", [(3, 5, 7), (1, 4, 6), (5, 9, 3)])
+def test_forward_shape_odd_sizes(size):
+    cfg = get_config("STDiT3-tiny")
+    model = build_stdit3(cfg, seed=0)
+    x = torch.randn(2, 4, *size)
+    out = model(x, torch.tensor([500.0, 500.0]), torch.randn(2, 1, 16, 32), torch.ones(1, 16))
+    assert out.shape == (2, 8, *size)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_padding_crop_keeps_tokens_independent_of_padding_content():
+    # The padded row/column is zeros; the kept region must not depend on how much is cropped later.
+    cfg = get_config("STDiT3-tiny")
+    model = build_stdit3(cfg, seed=1)
+    x = torch.randn(1, 4, 2, 5, 7)
+    xp = torch.nn.functional.pad(x, (0, 1, 0, 1))  # what the patch embedder does internally
+    y, m = torch.randn(1, 16, 32), torch.ones(1, 16)
+    a = model(x, torch.tensor([300.0]), y, m, height=5, width=7)
+    b = model(xp, torch.tensor([300.0]), y, m, height=5, width=7)[..., :5, :7]
+    torch.testing.assert_close(a, b)
+
+
+def test_position_embedding_column_first_and_scaled():
+    pe = PositionEmbedding2D(16)
+    e = pe(2, 3, scale=1.0, base_size=3)  # grid 2 rows x 3 cols
+    # row 0: first half varies with the column, second half (row coordinate) is constant.
+    assert not torch.allclose(e[0, :8], e[1, :8])
+    torch.testing.assert_close(e[0, 8:], e[2, 8:])
+    # token 3 = row 1, col 0: row coordinate 1 * base/hp = 1.5 -> sin(1.5 * f0) in channel 8
+    torch.testing.assert_close(e[3, 8], torch.sin(torch.tensor(1.5)))
+    torch.testing.assert_close(e[3, :8], e[0, :8])
+    # rows= slice equals the corresponding rows of the full grid
+    torch.testing.assert_close(pe(2, 3, 1.0, 3, rows=(1, 2)), e[3:])
+
+
+def test_rope_interleaved_pairs():
+    rope = RotaryEmbedding(4)
+    x = torch.randn(1, 1, 3, 4)
+    out = rope(x)
+    f = rope.freqs
+    for n in range(3):
+        for j in range(2):
+            a = n * f[j]
+            x0, x1 = x[0, 0, n, 2 * j], x[0, 0, n, 2 * j + 1]
+            torch.testing.assert_close(out[0, 0, n, 2 * j], x0 * torch.cos(a) - x1 * torch.sin(a))
+            torch.testing.assert_close(out[0, 0, n, 2 * j + 1], x1 * torch.cos(a) + x0 * torch.sin(a))
+
+
+def test_cross_attention_ignores_padding_tokens_and_null_mask_reuse():
+    cfg = get_config("STDiT3-tiny")
+    model = build_stdit3(cfg, seed=2)
+    x = torch.randn(2, 4, 2, 4, 4)
+    y = torch.randn(2, 16, 32)
+    mask = torch.zeros(1, 16)
+    mask[0, :5] = 1  # one mask for the CFG pair: the null half reuses the cond mask
+    t = torch.tensor([400.0, 400.0])
+    a = model(x, t, y, mask)
+    y2 = y.clone()
+    y2[:, 5:] = torch.randn(2, 11, 32) * 10  # padding content must not matter
+    torch.testing.assert_close(a, model(x, t, y2, mask))
+    torch.testing.assert_close(a, model(x, t, y[:, :5], mask[:, :5]))  # trimming is exact
+    # per-sample lengths: a sample's output depends only on its own text
+    mask2 = torch.tensor([[1.0] * 5 + [0] * 11, [1.0] * 9 + [0] * 7])
+    b = model(x, t, y, mask2)
+    torch.testing.assert_close(b[:1], a[:1])
+    assert not torch.allclose(b[1:], a[1:])
+
+
+def test_timestep_is_cast_to_model_dtype():
+    cfg = get_config("STDiT3-tiny")
+    model = build_stdit3(cfg, seed=0, dtype=torch.bfloat16)
+    x, y, m = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 16, 32), torch.ones(1, 16)
+    # bf16 has a spacing of 4 between 512 and 1024: 996.6 and 996 are the same timestep.
+    torch.testing.assert_close(model(x, torch.tensor([996.6]), y, m), model(x, torch.tensor([996.0]), y, m))
+
+
+@pytest.mark.parametrize("size,text", [((3, 5, 9), 7), ((2, 4, 4), 16)])
+def test_flop_formula_matches_flop_counter(size, text):
+    cfg = get_config("STDiT3-tiny")
+    model = build_stdit3(cfg, seed=0)
+    x = torch.randn(2, 4, *size)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model(x, torch.tensor([500.0, 500.0]), torch.randn(2, text, 32), torch.ones(2, text))
+    assert stdit3_flops(cfg, 2, *size, text).total == fc.get_total_flops()
