@@ -1,0 +1,140 @@
+"""T5 text encoder wrapper: a tiny random T5 and a tokenizer built offline, saved in the HF layout."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from models.t5 import T5_XXL_CONFIG, T5LoadError, T5TextEncoder  # noqa: E402
+
+WORDS = "a cat dog sitting on the mat sunset over ocean aesthetic score motion camera pan left . : , 6 5".split()
+
+
+def build_tokenizer():
+    """A T5-like Unigram tokenizer (<pad>=0, </s>=1, <unk>=2, Metaspace, EOS appended)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in WORDS]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.:,"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+TINY_T5 = dict(
+    T5_XXL_CONFIG, vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=2, num_heads=2
+)
+
+
+def build_t5(seed=0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(**TINY_T5)).eval()
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("t5")
+    build_t5().save_pretrained(d)
+    build_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_encode_shapes_mask_and_values(t5_dir):
+    enc = T5TextEncoder.from_pretrained(t5_dir)
+    assert enc.output_dim == 16 and enc.dtype == torch.float32 and enc.max_length == 300
+    texts = ["a cat sitting on the mat. aesthetic score: 6.5.", "a dog"]
+    emb, mask = enc.encode(texts)
+    assert emb.shape == (2, 300, 16) and mask.shape == (2, 300)
+    n_tokens = [len(enc.tokenizer(t)["input_ids"]) for t in texts]
+    assert mask.sum(1).tolist() == n_tokens and n_tokens[1] == 3  # "a", "dog", "</s>"
+    assert mask[1, :3].tolist() == [1, 1, 1] and mask[1, 3:].sum() == 0
+    ids = enc.tokenize(texts)["input_ids"]
+    assert ids[1, 2] == 1 and ids[1, 3:].eq(0).all()  # EOS then <pad>
+    ref = build_t5()(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(emb, ref)
+
+
+def test_truncation_to_300(t5_dir):
+    enc = T5TextEncoder.from_pretrained(t5_dir)
+    emb, mask = enc.encode(["a cat " * 400])
+    assert emb.shape == (1, 300, 16) and mask.sum() == 300
+
+
+def test_dtype_and_release(t5_dir):
+    enc = T5TextEncoder.from_pretrained(t5_dir, dtype=torch.bfloat16)
+    emb, _ = enc.encode("a cat")
+    assert emb.dtype == torch.bfloat16
+    enc.release()
+    assert enc.model is None
+    with pytest.raises(RuntimeError, match="released"):
+        enc.encode(["a cat"])
+
+
+def test_missing_files_error(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        T5TextEncoder.from_pretrained(tmp_path)
+    msg = str(err.value)
+    assert "config.json" in msg and "spiece.model" in msg
+    assert f"huggingface-cli download DeepFloyd/t5-v1_1-xxl --local-dir {tmp_path}" in msg
+
+
+def test_missing_weight_is_an_error_not_random_init(t5_dir, tmp_path):
+    import shutil
+
+    for f in t5_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    weights = safetensors_torch.load_file(str(tmp_path / "model.safetensors"))
+    weights["encoder.final_layernorm.weight"] = weights.pop("encoder.final_layer_norm.weight")
+    safetensors_torch.save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(T5LoadError, match="encoder.final_layer_norm.weight"):
+        T5TextEncoder.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_is_an_error(t5_dir, tmp_path):
+    import json
+    import shutil
+
+    for f in t5_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["d_ff"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(T5LoadError, match="does not match"):
+        T5TextEncoder.from_pretrained(tmp_path)
+
+
+def test_spiece_only_directory_like_deepfloyd(t5_dir, tmp_path):
+    """The published repo ships spiece.model (no tokenizer.json); converting it needs protobuf."""
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    import io
+    import json
+    import shutil
+
+    corpus = ["a cat sitting on the mat", "a dog", "aesthetic score: 6.5.", "sunset over the ocean"] * 10
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=buf, vocab_size=40, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2,
+    )
+    (tmp_path / "spiece.model").write_bytes(buf.getvalue())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(t5_dir / name, tmp_path / name)
+    enc = T5TextEncoder.from_pretrained(tmp_path)
+    emb, mask = enc.encode(["a cat"])
+    assert emb.shape == (1, 300, 16) and int(mask.sum()) >= 2
+
+
+def test_t5_xxl_encoder_parameter_count_on_meta():
+    from models.param_count import t5_xxl_encoder_param_count
+
+    assert t5_xxl_encoder_param_count() == 4_762_310_656
