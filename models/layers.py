@@ -222,15 +222,20 @@ class STDiT3Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dim)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+        # Parameter-free taps on the three residual increments, for observers outside the model
+        # (forward hooks of cache policies); identity here.
+        self.attn_delta = nn.Identity()
+        self.cross_delta = nn.Identity()
+        self.mlp_delta = nn.Identity()
 
     def forward(self, x, y, y_mask, t_mlp):
         """x (B, T, S, C); t_mlp (B, 6C) from the shared t_block."""
         b, c = x.shape[0], x.shape[-1]
         mod = (self.scale_shift_table[None] + t_mlp.reshape(b, 6, c))[:, :, None, None, :]  # (B, 6, 1, 1, C)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
-        x = x + self.cross_attn(x, y, y_mask)
-        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = x + self.attn_delta(gate1 * self.attn(modulate(self.norm1(x), shift1, scale1)))
+        x = x + self.cross_delta(self.cross_attn(x, y, y_mask))
+        x = x + self.mlp_delta(gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2)))
         return x
 
 

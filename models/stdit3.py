@@ -90,7 +90,7 @@ class Embedded:
     t_mlp: torch.Tensor
     y: torch.Tensor
     y_mask: torch.Tensor | None
-    grid: tuple[int, int, int]  # (Tp, Hp, Wp) of the tokens in x
+    grid: tuple[int, int, int]  # (Tp, Hp, Wp) of the whole token grid (x may hold a band of rows)
     out_size: tuple[int, int, int]  # (T, H, W) of the input, to crop the padded output
     extras: dict = field(default_factory=dict)
 
@@ -128,12 +128,14 @@ class STDiT3(nn.Module):
 
     # ---- stages -------------------------------------------------------------------------------
 
-    def embed(self, x, timestep, y, mask=None, fps=24.0, height=None, width=None) -> Embedded:
+    def embed(self, x, timestep, y, mask=None, fps=24.0, height=None, width=None, rows=None) -> Embedded:
         """Patchify, position-embed, embed timestep/fps and caption.
 
         x (B, Cin, T, H, W); timestep (B,) in [0, 1000]; y (B, L, Cc) or (B, 1, L, Cc);
         mask (B or B/k, L) with 1 for valid text tokens (repeated to B, as Open-Sora does for CFG).
         height/width are the pixel size used for the position-embedding scale (default: x's size).
+        rows=(start, total) says that x is the band of patch rows [start, start + local rows) of a
+        grid with `total` patch rows, so positions use the whole grid's coordinates.
         """
         dtype = self.dtype
         b = x.shape[0]
@@ -143,10 +145,11 @@ class STDiT3(nn.Module):
 
         tokens = self.x_embedder(x.to(dtype))  # (B, Tp, Hp, Wp, C)
         tp, hp, wp = tokens.shape[1:4]
-        s = hp * wp
+        r0, total_rows = rows if rows is not None else (0, hp)
         scale = (h_px * w_px) ** 0.5 / self.config.input_sq_size
-        pos = self.pos_embed(hp, wp, scale=scale, base_size=round(s**0.5)).to(dtype)
-        tokens = tokens.reshape(b, tp, s, -1) + pos
+        base_size = round((total_rows * wp) ** 0.5)
+        pos = self.pos_embed(total_rows, wp, scale=scale, base_size=base_size, rows=(r0, r0 + hp)).to(dtype)
+        tokens = tokens.reshape(b, tp, hp * wp, -1) + pos
 
         # Open-Sora casts the timestep to the model dtype first (bf16 quantises it).
         timestep = torch.as_tensor(timestep, device=x.device).to(dtype).reshape(-1).expand(b)
@@ -162,7 +165,7 @@ class STDiT3(nn.Module):
             y_mask = mask.to(device=x.device, dtype=torch.bool)
             if y_mask.shape[0] != b:
                 y_mask = y_mask.repeat(b // y_mask.shape[0], 1)
-        return Embedded(tokens, t, t_mlp, y, y_mask, (tp, hp, wp), out_size)
+        return Embedded(tokens, t, t_mlp, y, y_mask, (tp, total_rows, wp), out_size)
 
     def blocks(self, e: Embedded) -> torch.Tensor:
         x = e.x
@@ -183,8 +186,8 @@ class STDiT3(nn.Module):
         t_out, h_out, w_out = e.out_size
         return x[:, :, :t_out, :h_out, :w_out].float()
 
-    def forward(self, x, timestep, y, mask=None, fps=24.0, height=None, width=None) -> torch.Tensor:
-        e = self.embed(x, timestep, y, mask, fps, height, width)
+    def forward(self, x, timestep, y, mask=None, fps=24.0, height=None, width=None, rows=None) -> torch.Tensor:
+        e = self.embed(x, timestep, y, mask, fps, height, width, rows)
         return self.final(self.blocks(e), e)
 
 

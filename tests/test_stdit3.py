@@ -134,3 +134,30 @@ def test_flop_formula_matches_flop_counter(size, text):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         model(x, torch.tensor([500.0, 500.0]), torch.randn(2, text, 32), torch.ones(2, text))
     assert stdit3_flops(cfg, 2, *size, text).total == fc.get_total_flops()
+
+
+def test_row_band_embedding_uses_global_coordinates():
+    cfg = get_config("STDiT3-tiny")
+    model = build_stdit3(cfg, seed=4)
+    x = torch.randn(1, 4, 2, 9, 6)  # 5 patch rows (last one padded), 3 patch columns
+    y, m, t = torch.randn(1, 16, 32), torch.ones(1, 16), torch.tensor([250.0])
+    full = model.embed(x, t, y, m, height=72, width=48)
+    band = model.embed(x[:, :, :, 4:9], t, y, m, height=72, width=48, rows=(2, 5))  # patch rows 2..4
+    torch.testing.assert_close(band.x, full.x[:, :, 2 * 3:, :])
+    assert band.grid == full.grid == (2, 5, 3)
+    # the final layer of a band returns that band's latent rows, cropped like the full output
+    out_full = model.final(full.x, full)
+    torch.testing.assert_close(model.final(band.x, band), out_full[:, :, :, 4:9])
+
+
+def test_residual_taps_see_the_increments():
+    cfg = get_config("STDiT3-tiny")
+    model = build_stdit3(cfg, seed=5)
+    seen = {}
+    blk = model.temporal_blocks[1]
+    for name in ("attn_delta", "cross_delta", "mlp_delta"):
+        getattr(blk, name).register_forward_hook(lambda mod, inp, out, n=name: seen.__setitem__(n, out))
+    inputs = {}
+    blk.register_forward_hook(lambda mod, inp, out: inputs.update(x=inp[0], out=out))
+    model(torch.randn(1, 4, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 16, 32), torch.ones(1, 16))
+    torch.testing.assert_close(inputs["out"] - inputs["x"], seen["attn_delta"] + seen["cross_delta"] + seen["mlp_delta"])

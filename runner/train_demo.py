@@ -1,0 +1,226 @@
+"""Train the embedded demo model: STDiT3 in pixel space plus its small text encoder, on the
+procedural captioned clips of `runner.demo_data`, with Open-Sora 1.2's rectified-flow objective.
+
+    python -m runner.train_demo                       # the shipped recipe -> assets/demo
+    python -m runner.train_demo steps=200 output_dir=/tmp/demo max_minutes=5
+
+The checkpoint (EMA weights, safetensors + config.json) is written every `save_every` steps and at
+the end, atomically, so an interrupted run still leaves a usable model; `resume=true` continues
+from the training state kept next to it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from models.stdit3 import STDiT3Config, build_stdit3
+from models.text_tiny import TinyTextConfig, TinyTextEncoder, WordTokenizer
+from runner import demo_data
+from runner.pipeline import DemoPipeline, save_demo_dir
+
+
+@dataclass
+class DemoArch:
+    depth: int = 4
+    hidden_size: int = 96
+    num_heads: int = 4
+    patch_size: list[int] = field(default_factory=lambda: [1, 4, 4])
+    text_width: int = 64
+    text_depth: int = 2
+    text_heads: int = 4
+    max_length: int = 16
+
+
+@dataclass
+class TrainConfig:
+    arch: DemoArch = field(default_factory=DemoArch)
+    steps: int = 2500
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.998
+    cfg_dropout: float = 0.1  # probability of training on the null caption (for CFG)
+    num_frames: int = 8
+    size: int = 32
+    seed: int = 0
+    output_dir: str = "assets/demo"
+    log_every: int = 50
+    save_every: int = 200
+    max_minutes: float = 0.0  # stop (and save) after this many minutes; 0 = no limit
+    resume: bool = False
+    progress: bool = True
+
+
+def vocabulary() -> list[str]:
+    """Every word the caption grammar can produce."""
+    tok = WordTokenizer([])
+    words = set()
+    for colour, shape, motion in demo_data._ALL_COMBOS:
+        for bg in demo_data.BACKGROUNDS:
+            words.update(tok.words(demo_data.make_caption(dict(colour=colour, shape=shape, motion=motion, background=bg))))
+    return sorted(words)
+
+
+def build_demo(arch: DemoArch, seed: int) -> DemoPipeline:
+    dit_cfg = STDiT3Config(
+        depth=arch.depth, hidden_size=arch.hidden_size, num_heads=arch.num_heads, patch_size=tuple(arch.patch_size),
+        in_channels=3, pred_sigma=False, caption_channels=arch.text_width, model_max_length=arch.max_length,
+    )
+    torch.manual_seed(seed)
+    tok = WordTokenizer(vocabulary(), arch.max_length)
+    text = TinyTextEncoder(TinyTextConfig(arch.text_width, arch.text_depth, arch.text_heads, arch.max_length), len(tok.vocab))
+    dit = build_stdit3(dit_cfg, seed=seed)
+    return DemoPipeline(dit, text, tok, "trained", random_weights=False)
+
+
+def rf_loss(pipe: DemoPipeline, x0: torch.Tensor, captions: list[str], cfg: TrainConfig, gen: torch.Generator):
+    """Rectified flow: x_t = (1 - t) x0 + t eps, the model predicts v = x0 - eps; t ~ logit-normal."""
+    b = x0.shape[0]
+    ids, mask = pipe.tokenizer(captions)
+    y = pipe.text(ids, mask)
+    drop = torch.rand(b, generator=gen) < cfg.cfg_dropout
+    null = pipe.dit.null_caption[: y.shape[1]][None].expand_as(y)
+    y = torch.where(drop[:, None, None], null, y)
+    t = torch.sigmoid(torch.randn(b, generator=gen))
+    eps = torch.randn(x0.shape, generator=gen)
+    tb = t[:, None, None, None, None]
+    xt = (1 - tb) * x0 + tb * eps
+    v = pipe.dit(xt, t * 1000, y, mask, fps=24, height=x0.shape[3], width=x0.shape[4])
+    return torch.nn.functional.mse_loss(v, x0 - eps)
+
+
+class EMA:
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))  # short warm-up of the average
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def swap(self):
+        for p, s in zip(self.params, self.shadow):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+def save(pipe: DemoPipeline, ema: EMA, cfg: TrainConfig, step: int, loss: float, seconds: float):
+    """Write the EMA weights to output_dir atomically (a sibling temp dir, then rename)."""
+    tmp = cfg.output_dir.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ema.swap()
+    try:
+        save_demo_dir(tmp, pipe, {"training": {
+            "recipe": "python -m runner.train_demo", "step": step, "ema_loss": loss,
+            "train_seconds": round(seconds, 1), "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        }})
+    finally:
+        ema.swap()
+    old = cfg.output_dir.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(cfg.output_dir):
+        os.replace(cfg.output_dir, old)
+    os.replace(tmp, cfg.output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def state_path(cfg: TrainConfig) -> str:
+    return cfg.output_dir.rstrip("/") + ".train_state.pt"
+
+
+def train(cfg: TrainConfig) -> dict:
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError("steps and batch_size must be >= 1")
+    pipe = build_demo(cfg.arch, cfg.seed)
+    modules = [pipe.dit, pipe.text]
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ema = EMA(modules, cfg.ema_decay)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, elapsed_before, ema_loss = 0, 0.0, float("nan")
+    if cfg.resume and os.path.exists(state_path(cfg)):
+        st = torch.load(state_path(cfg), weights_only=False)
+        for m, sd in zip(modules, st["modules"]):
+            m.load_state_dict(sd)
+        opt.load_state_dict(st["opt"])
+        ema.shadow = st["ema"]
+        rng.bit_generator.state = st["rng"]
+        gen.set_state(st["gen"])
+        start, elapsed_before, ema_loss = st["step"], st["seconds"], st["ema_loss"]
+        print(f"resumed at step {start}", file=sys.stderr)
+    for m in modules:
+        m.train()
+    t0 = time.perf_counter()
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train_demo", unit="step", file=sys.stderr)
+    step = start
+    for step in range(start, cfg.steps):
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x0, captions = demo_data.make_batch(rng, cfg.batch_size, cfg.num_frames, cfg.size, split="train")
+        loss = rf_loss(pipe, x0, captions, cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        value = loss.item()
+        ema_loss = value if math.isnan(ema_loss) else 0.98 * ema_loss + 0.02 * value
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema_loss:.4f}")
+        seconds = elapsed_before + time.perf_counter() - t0
+        done = step + 1 == cfg.steps or (cfg.max_minutes > 0 and seconds > 60 * cfg.max_minutes)
+        if (step + 1) % cfg.log_every == 0:
+            print(f"step {step + 1}/{cfg.steps} loss {ema_loss:.4f} lr {lr:.2e} {seconds:.0f}s", file=sys.stderr, flush=True)
+        if (step + 1) % cfg.save_every == 0 or done:
+            save(pipe, ema, cfg, step + 1, ema_loss, seconds)
+            torch.save({
+                "modules": [m.state_dict() for m in modules], "opt": opt.state_dict(), "ema": ema.shadow,
+                "rng": rng.bit_generator.state, "gen": gen.get_state(), "step": step + 1, "seconds": seconds,
+                "ema_loss": ema_loss,
+            }, state_path(cfg))
+        if done:
+            break
+    if bar is not None:
+        bar.close()
+    seconds = elapsed_before + time.perf_counter() - t0
+    print(f"saved {cfg.output_dir} after {step + 1} steps, loss {ema_loss:.4f}, {seconds:.0f} s", file=sys.stderr)
+    return {"steps": step + 1, "loss": ema_loss, "seconds": seconds}
+
+
+ConfigStore.instance().store(name="train_demo_base", node=TrainConfig)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train_demo")
+def _hydra_main(dcfg: DictConfig) -> None:
+    train(OmegaConf.to_object(dcfg))
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
+
