@@ -73,6 +73,7 @@ def run_dist(fn, world_size: int, *args, timeout: float = 60, env: dict | None =
 
     env: extra environment variables for the ranks. Raises DistError on any failure or timeout.
     """
+    __tracebackhide__ = True  # pytest: show the remote traceback, not this harness
     ctx = mp.get_context(START_METHOD)
     if START_METHOD == "forkserver":
         ctx.set_forkserver_preload(["torch", "torch.distributed"])
@@ -97,6 +98,7 @@ def run_dist(fn, world_size: int, *args, timeout: float = 60, env: dict | None =
 
 
 def _collect(procs, paths, timeout):
+    __tracebackhide__ = True
     deadline = time.monotonic() + timeout
     failed_at = None
     while True:
