@@ -257,7 +257,7 @@ class Mesh:
                 "sp_rank": self.sp_rank, "backend": self.backend, "device": str(self.device)}
 
     def destroy(self) -> None:
-        """Tear down the process groups this mesh created (all of them: default group last)."""
+        """Tear down torch.distributed if init_mesh initialised it (every group goes with it)."""
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
         self.groups = {}

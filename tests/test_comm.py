@@ -184,6 +184,7 @@ def _battery(rank, world_size, cfg):
     return json.loads(json.dumps(log.to_json()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size, cfg", [(2, 1), (3, 1), (4, 1), (4, 2)])
 def test_collectives_match_full_tensor_and_log(world_size, cfg):
     logs = run_dist(_battery, world_size, cfg, timeout=60)

@@ -8,6 +8,8 @@ import pytest
 from dist_util import DistError, run_dist
 from parallel.mesh import ParallelConfig, init_mesh
 
+pytestmark = pytest.mark.slow
+
 
 def _echo(rank, world_size, extra):
     import torch

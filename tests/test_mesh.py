@@ -131,6 +131,7 @@ def _mesh_groups(rank, world_size):
     return out
 
 
+@pytest.mark.slow
 def test_init_mesh_groups_on_gloo():
     # world 4 = dp1 x cfg2 x sp2: dp groups have one rank (None), agree is the world
     res = run_dist(_mesh_groups, 4, timeout=60)
