@@ -71,7 +71,8 @@ def _read(path):
 def run_dist(fn, world_size: int, *args, timeout: float = 60, env: dict | None = None) -> list:
     """Run fn(rank, world_size, *args) on world_size gloo ranks; return the results in rank order.
 
-    env: extra environment variables for the ranks. Raises DistError on any failure or timeout.
+    env: extra environment variables for the ranks. timeout counts from process start.
+    Raises DistError on any failure or timeout.
     """
     __tracebackhide__ = True  # pytest: show the remote traceback, not this harness
     ctx = mp.get_context(START_METHOD)
