@@ -1,0 +1,133 @@
+"""launch/slurm.sbatch and launch/torchrun.sh with srun, scontrol and torchrun replaced by recorders.
+
+The fake srun emulates Slurm starting one task per node: it runs its command once per node with
+SLURM_NODEID/SLURM_PROCID set; the fake torchrun writes its argv (one argument per line) and cwd.
+"""
+
+import os
+import stat
+import subprocess
+
+import pytest
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+set -euo pipefail
+printf '%s\n' "$@" > "$REC/srun.argv"
+args=("$@"); i=0
+while [[ "${args[i]}" == -* ]]; do i=$((i + 1)); done  # options (all --opt=value)
+for ((node = 0; node < SLURM_NNODES; node++)); do
+  SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 "${args[@]:i}"
+done
+"""
+
+FAKE_SCONTROL = r"""#!/usr/bin/env bash
+[[ "$1 $2" == "show hostnames" ]] || exit 2
+echo "$2 $3" > "$REC/scontrol.argv"
+printf 'gpu-node-%s\n' 07 08 09
+"""
+
+FAKE_TORCHRUN = r"""#!/usr/bin/env bash
+printf '%s\n' "$@" > "$REC/torchrun.${SLURM_NODEID:-local}.argv"
+pwd > "$REC/torchrun.${SLURM_NODEID:-local}.cwd"
+echo "$PYTHONPATH" > "$REC/torchrun.${SLURM_NODEID:-local}.pythonpath"
+"""
+
+
+@pytest.fixture
+def fakes(tmp_path):
+    bin_dir, rec = tmp_path / "bin", tmp_path / "rec"
+    bin_dir.mkdir()
+    rec.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("torchrun", FAKE_TORCHRUN)):
+        p = bin_dir / name
+        p.write_text(text)
+        p.chmod(p.stat().st_mode | stat.S_IXUSR)
+    return bin_dir, rec
+
+
+def _env(bin_dir, rec, **extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("GPUS_PER_NODE", "RDZV_HOST", "RDZV_PORT",
+                                                        "NPROC", "TORCHRUN", "SKIPSYNC_ROOT")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", REC=str(rec), **extra)
+    return env
+
+
+def _slurm_env(root, **extra):
+    return {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu-node-[07-09]", "SLURM_NNODES": "2",
+            "SLURM_SUBMIT_DIR": root, **extra}
+
+
+def _argv(rec, node):
+    return (rec / f"torchrun.{node}.argv").read_text().splitlines()
+
+
+OVERRIDES = ["parallel.sp=8", "parallel.dp=-1", "prompt=a red circle moves left"]
+
+
+def test_sbatch_starts_one_torchrun_per_node(fakes, repo_root):
+    bin_dir, rec = fakes
+    env = _env(bin_dir, rec, **_slurm_env(repo_root, SLURM_GPUS_ON_NODE="4"))
+    r = subprocess.run(["bash", os.path.join(repo_root, "launch/slurm.sbatch"), *OVERRIDES], cwd="/", env=env,
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    srun = (rec / "srun.argv").read_text().splitlines()
+    assert "--ntasks-per-node=1" in srun and "--nodes=2" in srun
+    assert (rec / "scontrol.argv").read_text().split() == ["hostnames", "gpu-node-[07-09]"]
+    for node in (0, 1):
+        argv = _argv(rec, node)
+        assert argv == ["--nnodes=2", "--nproc_per_node=4", f"--node_rank={node}",
+                        "--rdzv_id=123456", "--rdzv_backend=c10d",
+                        f"--rdzv_endpoint=gpu-node-07:{20000 + 123456 % 20000}",
+                        "-m", "runner.generate", *OVERRIDES]
+        assert (rec / f"torchrun.{node}.cwd").read_text().strip() == repo_root
+        assert (rec / f"torchrun.{node}.pythonpath").read_text().startswith(repo_root)
+    assert not (rec / "torchrun.2.argv").exists()
+
+
+def test_sbatch_env_overrides(fakes, repo_root):
+    bin_dir, rec = fakes
+    env = _env(bin_dir, rec, **_slurm_env(repo_root, SLURM_NNODES="3", SLURM_GPUS_ON_NODE="4"),
+               GPUS_PER_NODE="2", RDZV_HOST="10.0.0.5", RDZV_PORT="29400")
+    r = subprocess.run(["bash", os.path.join(repo_root, "launch/slurm.sbatch")], cwd=repo_root, env=env,
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert not (rec / "scontrol.argv").exists()
+    for node in (0, 1, 2):
+        argv = _argv(rec, node)
+        assert "--nnodes=3" in argv and "--nproc_per_node=2" in argv
+        assert f"--node_rank={node}" in argv and "--rdzv_endpoint=10.0.0.5:29400" in argv
+        assert argv[-2:] == ["-m", "runner.generate"]
+
+
+def test_sbatch_defaults_to_8_gpus(fakes, repo_root):
+    bin_dir, rec = fakes
+    env = _env(bin_dir, rec, **_slurm_env(repo_root, SLURM_NNODES="1"))
+    r = subprocess.run(["bash", os.path.join(repo_root, "launch/slurm.sbatch")], cwd=repo_root, env=env,
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert "--nproc_per_node=8" in _argv(rec, 0) and "--nnodes=1" in _argv(rec, 0)
+
+
+def test_sbatch_outside_slurm_fails_clearly(fakes, repo_root):
+    bin_dir, rec = fakes
+    r = subprocess.run(["bash", os.path.join(repo_root, "launch/slurm.sbatch")], cwd=repo_root, env=_env(bin_dir, rec),
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode != 0 and "submit with sbatch" in r.stderr
+    assert not (rec / "srun.argv").exists()
+
+
+@pytest.mark.parametrize("args, nproc, rest", [
+    (["4", "parallel.sp=4", "prompt=a b"], "4", ["parallel.sp=4", "prompt=a b"]),
+    (["parallel.sp=1"], "1", ["parallel.sp=1"]),
+])
+def test_torchrun_wrapper(fakes, repo_root, args, nproc, rest):
+    bin_dir, rec = fakes
+    env = _env(bin_dir, rec)
+    env["PATH"] = f"{bin_dir}:/usr/bin:/bin"  # no nvidia-smi: one process
+    r = subprocess.run(["bash", os.path.join(repo_root, "launch/torchrun.sh"), *args], cwd="/",
+                       env=env, capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert _argv(rec, "local") == ["--standalone", "--nnodes=1", f"--nproc_per_node={nproc}",
+                                   "-m", "runner.generate", *rest]
+    assert (rec / "torchrun.local.cwd").read_text().strip() == repo_root
