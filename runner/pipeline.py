@@ -105,13 +105,26 @@ def random_demo(arch: STDiT3Config, seed: int, device, dtype) -> DemoPipeline:
     return DemoPipeline(dit.eval(), text.to(device).eval(), tok, "random", random_weights=True)
 
 
+# The trained demo model shipped with the repository (`model.weights=builtin:demo`).
+BUILTIN = {"demo": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")}
+
+
+def resolve_weights(path: str) -> str:
+    if path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise UserError(f"model.weights={path} is not a built-in model; known: builtin:{', builtin:'.join(BUILTIN)}.")
+        return BUILTIN[name]
+    return path
+
+
 def build_pipeline(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> DemoPipeline:
     if cfg.family != "demo":
         raise UserError(f"model.family={cfg.family!r} is not known; use model=demo.")
     if cfg.weights is None:
         arch = DEMO_ARCH if cfg.arch == "STDiT3-demo" else _named_arch(cfg.arch)
         return random_demo(arch, cfg.init_seed, device, dtype)
-    return _load_demo_dir(cfg.weights, device, dtype)
+    return _load_demo_dir(resolve_weights(cfg.weights), device, dtype)
 
 
 def _named_arch(name: str) -> STDiT3Config:
