@@ -161,7 +161,8 @@ class OpenSoraPipeline:
                 "vae": sum(p.numel() for p in self.vae.parameters()),
                 "t5": self.text_parameters,
             },
-            "dtype": {"stdit3": str(self.dit.dtype), "vae": str(self.vae.dtype), "t5": str(self.text_dtype)},
+            "dtype": {k: str(v).replace("torch.", "") for k, v in
+                      (("stdit3", self.dit.dtype), ("vae", self.vae.dtype), ("t5", self.text_dtype))},
             "prompt_suffixes": {"aes": self.aes, "flow": self.flow},
         }
 
