@@ -28,7 +28,7 @@ from models.loading import CheckpointError, load_stdit3
 from models.stdit3 import STDiT3
 from models.vae import OpenSoraVAE, VAEChunk
 from runner.config import DTYPES, ModelConfig, UserError
-from runner.pipeline import Conditioning, trimmed_conditioning
+from runner.pipeline import Conditioning, PipelineBase, trimmed_conditioning
 from runner.presets import bf16_round
 
 STDIT3_REPO = "hpcai-tech/OpenSora-STDiT-v3"
@@ -66,7 +66,7 @@ def check_weights_dir(root: str) -> None:
         )
 
 
-class OpenSoraPipeline:
+class OpenSoraPipeline(PipelineBase):
     """Same interface as runner.pipeline.DemoPipeline."""
 
     family = "opensora-v1.2"
@@ -79,14 +79,6 @@ class OpenSoraPipeline:
         self.aes, self.flow = aes, flow
         self.text_encoder: t5_module.T5TextEncoder | None = None
         self.text_parameters = 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.dit.x_embedder.proj.weight.device
-
-    @property
-    def latent_channels(self) -> int:
-        return self.dit.config.in_channels
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (self.latent_channels, *self.vae.latent_size(num_frames, height, width))

@@ -50,12 +50,10 @@ def trimmed_conditioning(y: torch.Tensor, mask: torch.Tensor, null: torch.Tensor
     return Conditioning(torch.cat([y[:, :n], null], 0), mask[:, :n])
 
 
-class DemoPipeline:
-    family = "demo"
+class PipelineBase:
+    """What every family shares around its STDiT3 (`self.dit`)."""
 
-    def __init__(self, dit: STDiT3, text: TinyTextEncoder, tokenizer: WordTokenizer, source: str, random_weights: bool):
-        self.dit, self.text, self.tokenizer = dit, text, tokenizer
-        self.source, self.random_weights = source, random_weights
+    dit: STDiT3
 
     @property
     def device(self) -> torch.device:
@@ -64,6 +62,14 @@ class DemoPipeline:
     @property
     def latent_channels(self) -> int:
         return self.dit.config.in_channels
+
+
+class DemoPipeline(PipelineBase):
+    family = "demo"
+
+    def __init__(self, dit: STDiT3, text: TinyTextEncoder, tokenizer: WordTokenizer, source: str, random_weights: bool):
+        self.dit, self.text, self.tokenizer = dit, text, tokenizer
+        self.source, self.random_weights = source, random_weights
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (self.latent_channels, num_frames, height, width)
