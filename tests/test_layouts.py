@@ -161,3 +161,19 @@ def test_sharded_forward_equals_single_device_on_3_ranks():
             assert frame_sizes == split_sizes(size[0], 3)
             assert ops == [("all_to_all", "dsp.to_time"), ("all_to_all", "dsp.to_space")] * TINY.depth + [
                 ("all_gather", "assemble")]
+
+
+def test_bench_dry_run_counts_stdit3_xl_at_720p():
+    """bench/comm_bytes.py's dry run: rank 0 of 8 at 720p 4s (B=2, bf16) holds 6 of the 45 patch rows
+    (480 of 3600 tokens per frame) and, for spatial attention, 4 of the 30 frames."""
+    from bench.comm_bytes import LATENT, one_step
+
+    xl = get_config("STDiT3-XL/2")
+    model = build_stdit3(xl, device="meta", dtype=torch.bfloat16)
+    token = 2 * xl.hidden_size * 2  # one token of the CFG pair in bf16
+    e_s, e_t = 30 * 480 * token, 4 * 3600 * token  # the S-shard sent to time-sharding, the T-shard sent back
+    kept = 4 * 480 * token  # both ways, the chunk that stays on rank 0: its 4 frames x its 480 tokens
+    assert LATENT == (4, 30, 90, 160)
+    assert one_step(model, "dsp", 8, 0)["all_to_all"] == {
+        "count": 56, "bytes": 28 * (e_s + e_t), "bytes_remote": 28 * (e_s + e_t - 2 * kept),
+        "bytes_in": 28 * (e_t + e_s - 2 * kept)}
