@@ -146,7 +146,9 @@ class Parallel:
                 "outside_steps": {"by_phase": _phases_outside_steps(log), **summary["outside_steps"]}}
         if self.sp is not None and self.sp.geometry is not None and self.sp.size > 1:
             g = self.sp.geometry
-            mine["band"] = {"patch_rows": list(self.sp.geometry.rows), "latent_rows": list(g.latent_range())}
+            start, total = g.rows
+            mine["band"] = {"patch_rows": [start, start + g.row_sizes[g.rank]], "of_patch_rows": total,
+                            "latent_rows": list(g.latent_range())}
         with log.in_phase("report"):
             ranks = self.comm.all_gather_object(mine, "agree", tag="report")
         mesh = {k: v for k, v in self.mesh.describe().items() if not k.endswith("rank")}
