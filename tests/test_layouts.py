@@ -105,6 +105,9 @@ def _dry_step(layout, p, r, batch=2, size=SIZE):
         out = model(shard.slice(z), t, y, mask, rows=shard.rows)
     a, b = shard.latent_range()
     assert out.shape == (batch, TINY.out_channels, size[0], b - a, size[2])
+    per_pair = ["dsp.to_time", "dsp.to_space"] if layout == "dsp" else [
+        "ulysses.qkv", "ulysses.attn_out", "ulysses.cross_q", "ulysses.cross_out"]  # Open-Sora 1.2's set
+    assert [e.tag for e in comm.log.events] == per_pair * TINY.depth
     return comm.log.per_step()[0], shard
 
 
