@@ -10,7 +10,7 @@ import pytest
 from torchrun_util import run_all, standalone, survivors
 
 TIMEOUT_S = 8  # parallel.timeout_s of the jobs
-ARGS = ["model.arch=STDiT3-tiny", "num_frames=5", "height=9", "width=10", "sampler.num_steps=2",
+ARGS = ["model=demo-random", "model.arch=STDiT3-tiny", "num_frames=5", "height=9", "width=10", "sampler.num_steps=2",
         "progress=false", "device=cpu", "prompt=a red circle moves left", f"parallel.timeout_s={TIMEOUT_S}"]
 
 

@@ -11,7 +11,7 @@ from runner.generate import generate
 from tests.helpers import make_cfg
 from torchrun_util import free_port, node, run_all, survivors
 
-ARGS = ["model.arch=STDiT3-tiny", "num_frames=5", "height=9", "width=10", "sampler.num_steps=2",
+ARGS = ["model=demo-random", "model.arch=STDiT3-tiny", "num_frames=5", "height=9", "width=10", "sampler.num_steps=2",
         "progress=false", "device=cpu", "save_latent=true", "prompt=a red circle moves left"]
 NAME = "0000-a-red-circle-moves-left"
 

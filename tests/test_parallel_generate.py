@@ -20,7 +20,7 @@ from runner.video import read_video
 from tests.helpers import make_cfg
 
 PROMPTS = ["a red circle moves left", "a blue square moves up", "a green triangle moves down"]
-BASE = ("model.arch=STDiT3-tiny", "num_frames=5", "height=9", "width=10", "sampler.num_steps=2",
+BASE = ("model=demo-random", "model.arch=STDiT3-tiny", "num_frames=5", "height=9", "width=10", "sampler.num_steps=2",
         "progress=false", "save_latent=true", "device=cpu")
 DEPTH, C, B = 2, 64, 2  # STDiT3-tiny: layer pairs, hidden size; the CFG batch
 T, ROWS, COLS = 5, 5, 5  # token frames, patch rows, patch columns
