@@ -94,7 +94,7 @@ class Parallel:
         mine = [i for i in range(len(prompts)) if i % self.mesh.dp == self.mesh.dp_rank]
         done = None
         if self.is_writer:
-            done = [i for i in mine if is_complete(stem(i, prompts[i]), prompts[i], cfg.seed + i, cfg)]
+            done = [i for i in mine if is_complete(stem(i, prompts[i]), prompts[i], cfg)]
         with self.comm.log.in_phase("startup"):
             done = self.comm.all_gather_object(done, "agree", tag="resume")[0]  # the leader's view
         if self.is_writer:
@@ -215,8 +215,9 @@ def _content_config(conf: dict | None) -> dict | None:
     return {k: v for k, v in conf.items() if k not in _NOT_CONTENT}
 
 
-def is_complete(stem: str, prompt: str, seed: int, cfg: Config) -> bool:
-    """<stem>.mp4 and <stem>.json exist and the report is for this prompt, seed and settings."""
+def is_complete(stem: str, prompt: str, cfg: Config) -> bool:
+    """<stem>.mp4 and <stem>.json exist and the report is for this prompt and these settings (the
+    stem holds the prompt's index, so with the base seed in the settings the seed is the same too)."""
     if not (os.path.isfile(stem + ".mp4") and os.path.isfile(stem + ".json")):
         return False
     if cfg.save_latent and not os.path.isfile(stem + ".latent.pt"):
@@ -227,7 +228,7 @@ def is_complete(stem: str, prompt: str, seed: int, cfg: Config) -> bool:
     except (OSError, ValueError):
         return False
     current = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)))
-    return (isinstance(rep, dict) and rep.get("prompt") == prompt and rep.get("seed") == seed
+    return (isinstance(rep, dict) and rep.get("prompt") == prompt
             and _content_config(rep.get("config")) == _content_config(current))
 
 

@@ -134,3 +134,62 @@ def test_data_parallel_splits_prompts_and_resumes(tmp_path, reference):
     assert [len(r) for r in again] == [0, 1]
     assert os.path.getmtime(out / "0000-a-red-circle-moves-left.mp4") == stamp
     _assert_same_outputs(out, reference, 3)
+
+
+def test_resume_needs_video_report_and_same_settings(tmp_path):
+    from omegaconf import OmegaConf
+
+    from runner.distributed import is_complete
+
+    cfg = make_cfg(*BASE, "prompt=a cat", f"output_dir={tmp_path}")
+    stem = str(tmp_path / "0000-a-cat")
+    conf = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    (tmp_path / "0000-a-cat.mp4").write_bytes(b"")
+    assert not is_complete(stem, "a cat", cfg)  # no report
+    (tmp_path / "0000-a-cat.json").write_text(json.dumps({"prompt": "a cat", "config": conf}))
+    assert not is_complete(stem, "a cat", cfg)  # save_latent=true but no latent
+    (tmp_path / "0000-a-cat.latent.pt").write_bytes(b"")
+    assert is_complete(stem, "a cat", cfg)
+    assert not is_complete(stem, "a dog", cfg)
+    # other parallel sizes, device or output options: the same video; other sampling settings: not
+    assert is_complete(stem, "a cat", make_cfg(*BASE, "prompt=x", "parallel.sp=4", "progress=true", "output_dir=y"))
+    assert not is_complete(stem, "a cat", make_cfg(*BASE, "prompt=a cat", "sampler.num_steps=3"))
+    assert not is_complete(stem, "a cat", make_cfg(*BASE, "prompt=a cat", "seed=1"))
+    (tmp_path / "0000-a-cat.json").write_text("{truncated")
+    assert not is_complete(stem, "a cat", cfg)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["parallel.sp=2"], r"sp=2 = 2 != world size 1 \(launched without torchrun\? world size is 1\)"),
+    (["parallel.layout=ring"], "parallel.layout='ring' is not known; use one of: dsp, ulysses"),
+    (["parallel.timeout_s=0"], "parallel.timeout_s must be > 0"),
+])
+def test_bad_parallel_settings_in_one_process(tmp_path, overrides, match):
+    from runner.config import UserError
+
+    with pytest.raises(UserError, match=match):
+        generate(make_cfg(*BASE, "prompt=x", f"output_dir={tmp_path / 'o'}", *overrides))
+    assert not (tmp_path / "o").exists()
+
+
+def _expect_user_error(rank, world, overrides):
+    from runner.config import UserError
+    from runner.generate import generate as gen  # noqa: F811
+    from tests.helpers import make_cfg as mk
+
+    try:
+        gen(mk(*overrides))
+    except UserError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+def test_impossible_splits_fail_on_every_rank_before_any_collective(tmp_path):
+    # Ulysses with 4 heads over 3 ranks; 2 patch rows over 3 ranks. Both are found while preparing,
+    # before the first collective, so no rank waits for another.
+    base = (*BASE, "prompt=x", f"output_dir={tmp_path}", "parallel.sp=3")
+    msgs = run_dist(_expect_user_error, 3, (*base, "parallel.layout=ulysses"), timeout=60)
+    assert all("4 attention heads over parallel.sp=3" in m for m in msgs), msgs
+    msgs = run_dist(_expect_user_error, 3, (*base, "height=4"), timeout=60)
+    assert all("2 patch rows of 2, fewer than the 3 sequence-parallel ranks" in m for m in msgs), msgs
