@@ -9,7 +9,7 @@ import pytest
 
 from torchrun_util import run_all, standalone, survivors
 
-TIMEOUT_S = 8  # parallel.timeout_s of the jobs
+TIMEOUT_S = 6  # parallel.timeout_s of the jobs
 ARGS = ["model=demo-random", "model.arch=STDiT3-tiny", "num_frames=5", "height=9", "width=10", "sampler.num_steps=2",
         "progress=false", "device=cpu", "prompt=a red circle moves left", f"parallel.timeout_s={TIMEOUT_S}"]
 
@@ -30,14 +30,6 @@ def _job(tmp_path, piddir, mode, *extra, nproc=2):
 
 
 @pytest.mark.slow
-def test_no_fault_baseline(tmp_path, piddir):
-    code, out, _ = _job(tmp_path, piddir, "none", "parallel.sp=2")
-    assert code == 0, out
-    assert os.listdir(tmp_path / "out") == ["0000-a-red-circle-moves-left.json", "0000-a-red-circle-moves-left.mp4"] or \
-        sorted(os.listdir(tmp_path / "out")) == ["0000-a-red-circle-moves-left.json", "0000-a-red-circle-moves-left.mp4"]
-
-
-@pytest.mark.slow
 def test_rank_raising_mid_run_ends_the_job(tmp_path, piddir):
     code, out, seconds = _job(tmp_path, piddir, "raise", "parallel.sp=2")
     assert code not in (0, None), out
@@ -51,6 +43,7 @@ def test_rank_raising_mid_run_ends_the_job(tmp_path, piddir):
 def test_killed_rank_ends_the_job(tmp_path, piddir):
     code, out, seconds = _job(tmp_path, piddir, "kill", "parallel.sp=2")
     assert code not in (0, None), out
+    assert "Signal 9 (SIGKILL) received by PID" in out, out  # the launcher saw rank 1 killed in the loop
     assert survivors(piddir) == []
 
 
