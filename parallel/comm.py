@@ -178,6 +178,14 @@ class Comm:
     def rank(self, group: str) -> int:
         return self.mesh.group_rank(group)
 
+    # The two data-moving primitives of all_to_all/all_gather, separate so that a dry run
+    # (parallel.dry.DryComm) can count the real shapes without moving data.
+    def _all_to_all_single(self, out, send, out_splits, in_splits, pg) -> None:
+        dist.all_to_all_single(out, send, out_splits, in_splits, group=pg)
+
+    def _all_gather_single(self, out, send, pg) -> None:
+        _all_gather_single(out, send, group=pg)
+
     def _pg(self, group: str):
         """The process group, or None when the group has one rank (nothing to do)."""
         if self.mesh.group_size(group) == 1:
@@ -228,7 +236,7 @@ class Comm:
         in_splits = [t * shape[gd] * other for t in scatter_sizes]
         out_splits = [scatter_sizes[me] * g * other for g in gather_sizes]
         out = x.new_empty(sum(out_splits))
-        dist.all_to_all_single(out, send.view(-1), out_splits, in_splits, group=pg)
+        self._all_to_all_single(out, send.view(-1), out_splits, in_splits, pg)
 
         # Block j is [scatter_sizes[me], ...] in the moved layout with gather extent gather_sizes[j].
         moved = [scatter_sizes[me]] + [s for k, s in enumerate(shape) if k != sd]
@@ -273,7 +281,7 @@ class Comm:
             send = padded
         send = send.contiguous()
         out = send.new_empty((n * m, *send.shape[1:]))
-        _all_gather_single(out, send, group=pg)
+        self._all_gather_single(out, send, pg)
         if d == 0 and all(s == m for s in sizes):
             result = out
         else:

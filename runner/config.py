@@ -55,9 +55,26 @@ class SamplerConfig:
 
 
 @dataclass
+class ParallelSettings:
+    """The dp x cfg x sp mesh and the sequence-parallel layout (see runner/distributed.py).
+
+    dp * cfg * sp must equal the number of processes (torchrun's WORLD_SIZE, 1 without torchrun);
+    one of them may be -1 to take the rest.
+    """
+
+    dp: int = 1  # prompt groups: prompts are dealt round-robin to the dp groups
+    cfg: int = 1  # 2: the conditional and unconditional CFG halves on different ranks
+    sp: int = 1  # sequence parallelism: ranks sharing one video's tokens
+    layout: str = "dsp"  # dsp | ulysses
+    backend: str = "auto"  # auto: nccl on CUDA devices, gloo on the CPU
+    timeout_s: float = 300.0  # any collective (and a silent rank) waited on longer than this fails the job
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
     # One prompt, or a file with one prompt per line (blank lines and lines starting with # skipped).
     prompt: Optional[str] = None
     prompts_file: Optional[str] = None

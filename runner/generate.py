@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from models.loading import CheckpointError
-from runner import report as run_report
+from runner import distributed, report as run_report
 from runner.config import (
     Config, UserError, read_prompts, register_configs, resolve_device, resolve_dtype, resolve_presets, validate,
 )
@@ -48,6 +48,10 @@ def check_output_dir(path: str) -> None:
         ) from None
 
 
+def video_name(index: int, prompt: str) -> str:
+    return f"{index:04d}-{slug(prompt)}"
+
+
 def prompt_seed(base_seed: int, index: int) -> int:
     """The noise seed of prompt `index`: independent of how many GPUs or groups run the job."""
     return base_seed + index
@@ -59,12 +63,16 @@ def noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tens
 
 
 @torch.no_grad()
-def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = False, cond=None, phases=None):
+def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = False, cond=None, phases=None,
+                 par=None):
     """-> (video (3, T, H, W) in [-1, 1], final latent, per-step seconds).
 
     `cond`: the prompt's conditioning when the caller encoded a batch of prompts (else it is
     encoded here); `phases` (runner.report.Phases), if given, closes "sampling" and "decoding".
+    `par`: the job's `runner.distributed.Parallel` (default: one process). Only its writer (the
+    group leader) decodes; the others return video None.
     """
+    par = par or distributed.local()
     settings = SamplerSettings(**{k: getattr(cfg.sampler, k) for k in ("num_steps", "cfg_scale", "use_timestep_transform", "num_timesteps")})
     # The size the model is conditioned on (bf16-rounded for Open-Sora: 854 -> 856), for both the
     # position-embedding scale and the timestep transform.
@@ -72,9 +80,10 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
     timesteps = make_timesteps(settings, height, width, cfg.num_frames)
     cond = (pipe.encode_text([prompt]) if cond is None else cond).to(pipe.device)
     z = noise((1, *pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)), seed, pipe.device)
+    run = par.start(z, cond.y, cond.mask, settings.cfg_scale)  # this rank's band and CFG half
 
     def model_fn(z_in, t_in, info):
-        return pipe.dit(z_in, t_in, cond.y, cond.mask, fps=cfg.fps, height=height, width=width)
+        return pipe.dit(z_in, t_in, run.y, run.mask, fps=cfg.fps, height=height, width=width, rows=run.rows)
 
     step_times: list[float] = []
     bar = None
@@ -85,6 +94,7 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
     clock = {}
 
     def on_step(i: int, phase: str):
+        run.on_step(i, phase)
         if phase == "start":
             clock["t0"] = time.perf_counter()
         else:
@@ -93,14 +103,16 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
                 bar.update(1)
 
     try:
-        z = sample(model_fn, z, settings, timesteps, pipe.latent_channels, on_step=on_step)
+        z = sample(model_fn, run.z, settings, timesteps, pipe.latent_channels, on_step=on_step,
+                   cfg_combine=run.cfg_combine)
     finally:
         if bar is not None:
             bar.close()
+    z = run.assemble(z)
     check_finite(z)
     if phases is not None:
         phases.end("sampling")
-    video = pipe.decode(z, cfg.num_frames)[0]
+    video = pipe.decode(z, cfg.num_frames)[0] if par.is_writer else None
     if phases is not None:
         phases.end("decoding")
     return video, z, step_times
@@ -110,6 +122,7 @@ def generate(cfg: Config) -> list[dict]:
     """Run the whole job; returns the run reports. Raises UserError / CheckpointError on bad input."""
     t_start = time.perf_counter()
     cfg = resolve_presets(cfg)
+    par = distributed.setup(cfg)  # the mesh (torchrun env, cfg.parallel); no collective before prepare
     validate(cfg)
     prompts = read_prompts(cfg)
     check_output_dir(cfg.output_dir)
@@ -118,9 +131,10 @@ def generate(cfg: Config) -> list[dict]:
     torch.manual_seed(cfg.seed)
     phases = run_report.Phases(device)
     pipe = build_pipeline(cfg.model, device, dtype)
-    if pipe.random_weights:
+    if pipe.random_weights and par.rank == 0:
         print("note: the model has random weights (model.weights is null); the videos are not meaningful.", file=sys.stderr)
     phases.end("loading")
+    par.prepare(pipe, cfg, prompts, lambda i, p: os.path.join(cfg.output_dir, video_name(i, p)))
     t_ready = time.perf_counter()
     # All prompts in one call: Open-Sora's T5 runs once and is freed before sampling. The
     # conditioning waits on the host so a long prompts file does not hold device memory.
@@ -128,14 +142,20 @@ def generate(cfg: Config) -> list[dict]:
     phases.end("text_encoding")
     reports = []
     for index, prompt in enumerate(prompts):
+        if not par.owns(index):  # another dp group's prompt, or complete already (resume)
+            continue
         seed = prompt_seed(cfg.seed, index)
-        name = f"{index:04d}-{slug(prompt)}"
+        name = video_name(index, prompt)
         path = os.path.join(cfg.output_dir, name + ".mp4")
         t0 = time.perf_counter()
         video, latent, step_times = generate_one(
-            pipe, cfg, prompt, seed, progress=cfg.progress, cond=conds.select(index), phases=phases
+            pipe, cfg, prompt, seed, progress=cfg.progress and par.is_writer, cond=conds.select(index), phases=phases,
+            par=par,
         )
         t_sampled = time.perf_counter()
+        parallel_info = par.report()  # a collective of the group: before the leader-only part
+        if not par.is_writer:
+            continue
         frames = to_uint8(video)
         write_video(path, frames, fps=cfg.fps)
         if cfg.save_latent:
@@ -150,10 +170,12 @@ def generate(cfg: Config) -> list[dict]:
                 "total_s": time.perf_counter() - t0,
             }, memory=phases.memory(),
         )
+        rep["parallel"] = parallel_info
         run_report.write(os.path.join(cfg.output_dir, name + ".json"), rep)
         print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
               f"{rep['timings']['total_s']:.2f} s)", file=sys.stderr)
         reports.append(rep)
+    par.close()
     return reports
 
 
@@ -166,8 +188,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
     try:
         generate(to_config(dcfg))
     except (UserError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        distributed.exit_on_error(e)  # one process: prints `error: ...`, exits 2 (as before)
+    except BaseException as e:  # noqa: BLE001 - distributed: every rank must end, the error printed once
+        distributed.exit_on_error(e)  # one process: re-raised
 
 
 def main() -> None:
