@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.loading import CheckpointError
 from runner import report as run_report
+from runner import cache as cache_policies
 from runner.config import Config, UserError, read_prompts, register_configs, resolve_device, resolve_dtype, validate
 from runner.pipeline import build_pipeline
 from runner.sampler import SamplerSettings, check_finite, make_timesteps, sample
@@ -57,8 +58,13 @@ def noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tens
 
 
 @torch.no_grad()
-def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = False):
-    """-> (video (3, T, H, W) in [-1, 1], final latent, per-step seconds)."""
+def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = False, comm=None):
+    """-> (video (3, T, H, W) in [-1, 1], final latent, per-step seconds).
+
+    The cache policy of cfg.cache is installed on pipe.dit on first use (after any parallel layout),
+    reset here and told every step; `cache_policies.policy_of(pipe.dit).report()` describes the run.
+    comm (parallel.comm.Comm) carries its agreement all-reduce; None in a single process.
+    """
     settings = SamplerSettings(**{k: getattr(cfg.sampler, k) for k in ("num_steps", "cfg_scale", "use_timestep_transform", "num_timesteps")})
     timesteps = make_timesteps(settings, cfg.height, cfg.width, cfg.num_frames)
     cond = pipe.encode_text([prompt])
@@ -66,6 +72,10 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
 
     def model_fn(z_in, t_in, info):
         return pipe.dit(z_in, t_in, cond.y, cond.mask, fps=cfg.fps, height=cfg.height, width=cfg.width)
+
+    policy = cache_policies.attach(pipe.dit, cfg.cache, comm)
+    policy.reset()
+    model_fn = policy.wrap_model_fn(model_fn)
 
     step_times: list[float] = []
     bar = None
@@ -128,6 +138,7 @@ def generate(cfg: Config) -> list[dict]:
                 "total_s": time.perf_counter() - t0,
             },
         )
+        rep["cache"] = cache_policies.policy_of(pipe.dit).report()
         run_report.write(os.path.join(cfg.output_dir, name + ".json"), rep)
         print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
               f"{rep['timings']['total_s']:.2f} s)", file=sys.stderr)
