@@ -15,6 +15,11 @@ Rank agreement: the metric's partial sums of every site go into one float64 tens
 `comm.all_reduce(group="agree")` per computed step (none on reused steps, none on the last step,
 whose decision nothing uses); the decision is a pure function of the reduced sums.
 `verify_agreement` additionally gathers every rank's decision and raises on any mismatch.
+With CFG-parallel the agreement group spans the CFG pair, so the pair takes one joint decision from
+the metric over both halves, exactly as the released code (one batched [cond; uncond] forward).
+
+The residual is added in fp32 and rounded once to the model dtype; a per-block bf16 cache rounds
+after every block. The decision needs one host sync per computed step (`tolist`), none on reused steps.
 """
 
 from __future__ import annotations
