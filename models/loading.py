@@ -90,6 +90,14 @@ def assign_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: st
     return model
 
 
+def check_materialized(model: nn.Module, what: str = "checkpoint") -> None:
+    """After loading into a meta-built model: fail if a tensor is still on the meta device (a
+    non-persistent buffer nobody rebuilt), instead of failing later inside a forward."""
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"after loading the {what}, tensors are still unallocated (meta): {_preview(left)}")
+
+
 def save_checkpoint(directory: str, state: dict[str, torch.Tensor], config: dict, filename="model.safetensors"):
     """Write an HF-layout directory: config.json + safetensors (contiguous CPU tensors)."""
     os.makedirs(directory, exist_ok=True)
@@ -115,4 +123,5 @@ def load_stdit3(path: str, dtype: torch.dtype = torch.float32, device="cpu", con
     assign_state_dict(model, read_safetensors(file, dtype, device), "STDiT3 checkpoint")
     # Non-persistent buffers are not in the file: rebuild them on the real device.
     model.pos_embed = PositionEmbedding2D(config.hidden_size).to(device)
+    check_materialized(model, "STDiT3 checkpoint")
     return model.eval()

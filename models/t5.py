@@ -4,8 +4,8 @@ Tokenisation: padding to ``max_length`` = 300, truncation on, EOS appended. The 
 encoder's ``last_hidden_state`` (B, 300, d_model) and the attention mask (B, 300). Open-Sora
 runs T5 in fp32 (the default here). Nothing is downloaded: ``from_pretrained`` reads a local
 directory laid out like the Hugging Face repo (``config.json``, the weights, ``spiece.model`` or
-``tokenizer.json``) and fails loudly if a weight is missing instead of initialising it at
-random.
+``tokenizer.json``) and fails loudly (``CheckpointError``) if a file or a weight is missing,
+instead of initialising it at random.
 
 Prompt processing (score suffixes, ``clean_caption``) lives in ``models/caption.py``;
 ``encode`` takes the final strings.
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from models.caption import prepare_prompts  # noqa: F401  (re-exported for callers)
+from models.loading import CheckpointError
 
 HF_REPO = "DeepFloyd/t5-v1_1-xxl"
 MAX_LENGTH = 300
@@ -46,15 +47,8 @@ T5_XXL_CONFIG = dict(
 )
 
 
-class T5LoadError(RuntimeError):
-    """The local T5 directory is incomplete or does not match the model."""
-
-
-def _download_hint(path: str) -> str:
-    return f"  huggingface-cli download {HF_REPO} --local-dir {path}"
-
-
-def _check_dir(path: str) -> None:
+def missing_files(path: str) -> list[str]:
+    """What directory `path` lacks of the published layout (config, weights, tokenizer)."""
     problems = []
     if not os.path.isfile(os.path.join(path, "config.json")):
         problems.append("config.json")
@@ -62,11 +56,16 @@ def _check_dir(path: str) -> None:
         problems.append("weights (" + " or ".join(WEIGHT_PATTERNS) + ")")
     if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         problems.append("tokenizer (" + " or ".join(TOKENIZER_FILES) + ")")
+    return problems
+
+
+def _check_dir(path: str) -> None:
+    problems = missing_files(path)
     if problems:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"T5 directory {path!r} lacks {', '.join(problems)}; expected the layout of {HF_REPO} "
             f"(config.json, weights, spiece.model + tokenizer_config.json). Download it with:\n"
-            + _download_hint(path)
+            f"  huggingface-cli download {HF_REPO} --local-dir {path}"
         )
 
 
@@ -83,7 +82,7 @@ def load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (ImportError, ValueError, OSError) as err:
-        raise T5LoadError(
+        raise CheckpointError(
             f"could not load the tokenizer from {path!r} ({type(err).__name__}: {err}). A directory with "
             "only spiece.model needs `sentencepiece` and `protobuf` installed to build the fast tokenizer "
             "(pip install 'skipsync[opensora]')."
@@ -118,11 +117,11 @@ class T5TextEncoder:
                 path, local_files_only=True, output_loading_info=True, **_dtype_kwarg(dtype)
             )
         except RuntimeError as err:  # shape mismatches
-            raise T5LoadError(f"T5 checkpoint in {path!r} does not match its config.json: {err}") from err
+            raise CheckpointError(f"T5 checkpoint in {path!r} does not match its config.json: {err}") from err
         missing = sorted(info.get("missing_keys") or [])
         mismatched = sorted(info.get("mismatched_keys") or [])
         if missing or mismatched:
-            raise T5LoadError(
+            raise CheckpointError(
                 f"T5 checkpoint in {path!r} does not match T5EncoderModel: missing keys {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''}; mismatched {mismatched[:5]}"
             )

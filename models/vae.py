@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from models.strict_load import load_strict
+from models.loading import CheckpointError, assign_state_dict, check_materialized, read_safetensors
 from models.vae_temporal import TemporalVAE, TemporalVAEConfig
 
 HF_REPO = "hpcai-tech/OpenSora-VAE-v1.2"
@@ -262,26 +262,37 @@ class OpenSoraVAE(nn.Module):
 
         ``micro_frame_size`` and ``vae_2d.micro_batch_size`` come from config.json (17 and 4
         for the published file) unless ``micro_batch_size`` is given. ``spatial_config`` and
-        ``temporal_config`` override the architecture (tests use tiny widths); the default is
-        the published one.
+        ``temporal_config`` override the architecture, as does an ``arch`` entry in config.json
+        (``{"spatial": AutoencoderKL kwargs, "temporal": TemporalVAEConfig kwargs}``, which tiny
+        test checkpoints carry); the default is the published one. Errors: ``CheckpointError``.
         """
-        from safetensors.torch import load_file
-
         path = os.fspath(path)
-        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not os.path.isfile(os.path.join(path, f))]
+        missing = missing_files(path)
         if missing:
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"Open-Sora VAE directory {path!r} lacks {', '.join(missing)}; expected {CONFIG_FILE} and "
                 f"{WEIGHTS_FILE} (the layout of {HF_REPO}). Download it with:\n"
                 f"  huggingface-cli download {HF_REPO} --local-dir {path}"
             )
-        with open(os.path.join(path, CONFIG_FILE)) as f:
-            config = json.load(f)
+        try:
+            with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read {path}/{CONFIG_FILE}: {e}") from None
         model_type = config.get("model_type")
         if model_type not in (None, "VideoAutoencoderPipeline"):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}/{CONFIG_FILE} has model_type {model_type!r}; expected 'VideoAutoencoderPipeline' "
                 f"({HF_REPO})"
+            )
+        # The published config.json names its 2D VAE instead of describing it; a non-published
+        # checkpoint (tiny test models) carries its widths under "arch".
+        arch = config.get("arch") or {}
+        if spatial_config is None:
+            spatial_config = arch.get("spatial")
+        if temporal_config is None and arch.get("temporal"):
+            temporal_config = TemporalVAEConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in arch["temporal"].items()}
             )
         if micro_batch_size is None:
             micro_batch_size = (config.get("vae_2d") or {}).get("micro_batch_size", MICRO_BATCH_SIZE)
@@ -293,6 +304,13 @@ class OpenSoraVAE(nn.Module):
         )
         with torch.device("meta"):
             model = cls(spatial_config, temporal_config, **kwargs)
-        state_dict = load_file(os.path.join(path, WEIGHTS_FILE), device=str(device))
-        load_strict(model, state_dict, os.path.join(path, WEIGHTS_FILE), dtype=dtype)
+        file = os.path.join(path, WEIGHTS_FILE)
+        what = f"Open-Sora VAE checkpoint {file!r}"
+        assign_state_dict(model, read_safetensors(file, dtype, device), what)
+        check_materialized(model, what)
         return model.eval().requires_grad_(False)
+
+
+def missing_files(path: str) -> list[str]:
+    """The files of the published layout that directory `path` lacks."""
+    return [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not os.path.isfile(os.path.join(path, f))]

@@ -6,6 +6,7 @@ load time. `validate` turns impossible values into one `UserError` that says wha
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -21,16 +22,27 @@ class UserError(ValueError):
 class ModelConfig:
     """Which model to run and where its weights come from."""
 
-    # "demo": pixel space with the small built-in text encoder; more families in later issues.
+    # "demo": pixel space with the small built-in text encoder.
+    # "opensora-v1.2": STDiT3-XL/2 + Open-Sora VAE 1.2 + T5-XXL from weights_dir.
     family: str = "demo"
     # STDiT3 size name (models.stdit3.CONFIGS); ignored when the weights carry a config.json.
     arch: str = "STDiT3-demo"
-    # A local checkpoint: a directory (config.json + safetensors) or a .safetensors file.
+    # demo: a local checkpoint, a directory (config.json + safetensors) or a .safetensors file.
     # None means random weights drawn from init_seed (said plainly in the output and report).
     weights: Optional[str] = None
     init_seed: int = 0
-    # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU).
+    # float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU). DiT and VAE.
     dtype: str = "float32"
+    # opensora-v1.2: a local directory with the published parts in their Hugging Face layouts,
+    # DIR/stdit3 (hpcai-tech/OpenSora-STDiT-v3), DIR/vae (hpcai-tech/OpenSora-VAE-v1.2) and
+    # DIR/t5 (DeepFloyd/t5-v1_1-xxl). Nothing is downloaded.
+    weights_dir: Optional[str] = None
+    # T5 precision (float32 | bfloat16 | float16); Open-Sora runs it in float32.
+    text_dtype: str = "float32"
+    # Prompt suffixes Open-Sora 1.2 was trained with: " aesthetic score: 6.5." and, if set,
+    # " motion score: x."; null leaves them out. Ignored by the demo.
+    aes: Optional[float] = 6.5
+    flow: Optional[float] = None
 
 
 @dataclass
@@ -89,6 +101,12 @@ class Config:
     height: int = 32
     width: int = 32
     fps: int = 24
+    # Open-Sora presets (runner/presets.py); when set they replace height/width (resolution, with
+    # aspect_ratio written H:W, "9:16" = landscape, the default) and num_frames (duration: 2s=51,
+    # 4s=102, 8s=204, 16s=408 or a frame count). The preset group sets them: preset=720p-4s.
+    resolution: Optional[str] = None
+    aspect_ratio: Optional[str] = None
+    duration: Optional[str] = None
     output_dir: str = "outputs"
     # auto | cpu | cuda | cuda:N
     device: str = "auto"
@@ -96,6 +114,9 @@ class Config:
     progress: bool = True
     # Also save the final latent (before decoding) as <name>.latent.pt, for comparisons.
     save_latent: bool = False
+
+
+FAMILIES = ("demo", "opensora-v1.2")
 
 
 def register_configs() -> None:
@@ -145,9 +166,42 @@ def read_prompts(cfg: Config) -> list[str]:
     return [cfg.prompt.strip()]
 
 
+def resolve_presets(cfg: Config) -> Config:
+    """A copy of cfg with resolution/aspect_ratio/duration turned into height/width/num_frames."""
+    from runner import presets
+
+    changes = {}
+    try:
+        if cfg.resolution is not None:
+            changes["height"], changes["width"] = presets.image_size(cfg.resolution, cfg.aspect_ratio or "9:16")
+        elif cfg.aspect_ratio is not None:
+            raise ValueError(f"aspect_ratio={cfg.aspect_ratio} needs a resolution (e.g. resolution=720p)")
+        if cfg.duration is not None:
+            changes["num_frames"] = presets.num_frames(cfg.duration)
+    except ValueError as e:
+        raise UserError(f"{e}.") from None
+    return dataclasses.replace(cfg, **changes)
+
+
 def validate(cfg: Config) -> None:
     """Value checks that do not need the model; run before anything heavy (or any collective)."""
     problems = []
+    m = cfg.model
+    if m.family not in FAMILIES:
+        problems.append(f"model.family={m.family!r} is not known; use model=demo or model=opensora-v1.2")
+    if m.family == "opensora-v1.2":
+        if m.weights_dir is None:
+            problems.append(
+                "model=opensora-v1.2 needs model.weights_dir=DIR, a local directory with the published weights in "
+                "DIR/stdit3, DIR/vae and DIR/t5 (e.g. huggingface-cli download hpcai-tech/OpenSora-STDiT-v3 "
+                "--local-dir DIR/stdit3; the full list is printed when a part is missing)"
+            )
+        if min(cfg.height, cfg.width) < 8:
+            problems.append(f"the Open-Sora VAE needs height and width >= 8 (got {cfg.height}x{cfg.width})")
+    elif m.weights_dir is not None:
+        problems.append("model.weights_dir is for model=opensora-v1.2; the demo model takes model.weights")
+    if m.text_dtype not in DTYPES:
+        problems.append(f"model.text_dtype={m.text_dtype} is not known; use one of: {', '.join(DTYPES)}")
     if cfg.num_frames < 1:
         problems.append(f"num_frames must be >= 1 (got {cfg.num_frames})")
     if cfg.height < 1 or cfg.width < 1:

@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from models.loading import CheckpointError
 from runner import report as run_report
 from runner import cache as cache_policies
-from runner.config import Config, UserError, read_prompts, register_configs, resolve_device, resolve_dtype, validate
+from runner.config import (
+    Config, UserError, read_prompts, register_configs, resolve_device, resolve_dtype, resolve_presets, validate,
+)
 from runner.pipeline import build_pipeline
 from runner.sampler import SamplerSettings, check_finite, make_timesteps, sample
 from runner.video import to_uint8, write_video
@@ -58,20 +60,26 @@ def noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tens
 
 
 @torch.no_grad()
-def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = False, comm=None):
+def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = False, cond=None, phases=None,
+                 comm=None):
     """-> (video (3, T, H, W) in [-1, 1], final latent, per-step seconds).
 
+    `cond`: the prompt's conditioning when the caller encoded a batch of prompts (else it is
+    encoded here); `phases` (runner.report.Phases), if given, closes "sampling" and "decoding".
     The cache policy of cfg.cache is installed on pipe.dit on first use (after any parallel layout),
     reset here and told every step; `cache_policies.policy_of(pipe.dit).report()` describes the run.
-    comm (parallel.comm.Comm) carries its agreement all-reduce; None in a single process.
+    `comm` (parallel.comm.Comm) carries its agreement all-reduce; None in a single process.
     """
     settings = SamplerSettings(**{k: getattr(cfg.sampler, k) for k in ("num_steps", "cfg_scale", "use_timestep_transform", "num_timesteps")})
-    timesteps = make_timesteps(settings, cfg.height, cfg.width, cfg.num_frames)
-    cond = pipe.encode_text([prompt])
+    # The size the model is conditioned on (bf16-rounded for Open-Sora: 854 -> 856), for both the
+    # position-embedding scale and the timestep transform.
+    height, width = pipe.conditioning_size(cfg.height, cfg.width)
+    timesteps = make_timesteps(settings, height, width, cfg.num_frames)
+    cond = (pipe.encode_text([prompt]) if cond is None else cond).to(pipe.device)
     z = noise((1, *pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)), seed, pipe.device)
 
     def model_fn(z_in, t_in, info):
-        return pipe.dit(z_in, t_in, cond.y, cond.mask, fps=cfg.fps, height=cfg.height, width=cfg.width)
+        return pipe.dit(z_in, t_in, cond.y, cond.mask, fps=cfg.fps, height=height, width=width)
 
     policy = cache_policies.attach(pipe.dit, cfg.cache, comm)
     policy.reset()
@@ -99,31 +107,43 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
         if bar is not None:
             bar.close()
     check_finite(z)
-    return pipe.decode(z)[0], z, step_times
+    if phases is not None:
+        phases.end("sampling")
+    video = pipe.decode(z, cfg.num_frames)[0]
+    if phases is not None:
+        phases.end("decoding")
+    return video, z, step_times
 
 
 def generate(cfg: Config) -> list[dict]:
     """Run the whole job; returns the run reports. Raises UserError / CheckpointError on bad input."""
     t_start = time.perf_counter()
+    cfg = resolve_presets(cfg)
     validate(cfg)
     prompts = read_prompts(cfg)
     check_output_dir(cfg.output_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     torch.manual_seed(cfg.seed)
+    phases = run_report.Phases(device)
     pipe = build_pipeline(cfg.model, device, dtype)
     if pipe.random_weights:
         print("note: the model has random weights (model.weights is null); the videos are not meaningful.", file=sys.stderr)
+    phases.end("loading")
     t_ready = time.perf_counter()
+    # All prompts in one call: Open-Sora's T5 runs once and is freed before sampling. The
+    # conditioning waits on the host so a long prompts file does not hold device memory.
+    conds = pipe.encode_text(prompts).to("cpu")
+    phases.end("text_encoding")
     reports = []
     for index, prompt in enumerate(prompts):
         seed = prompt_seed(cfg.seed, index)
         name = f"{index:04d}-{slug(prompt)}"
         path = os.path.join(cfg.output_dir, name + ".mp4")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        video, latent, step_times = generate_one(pipe, cfg, prompt, seed, progress=cfg.progress)
+        video, latent, step_times = generate_one(
+            pipe, cfg, prompt, seed, progress=cfg.progress, cond=conds.select(index), phases=phases
+        )
         t_sampled = time.perf_counter()
         frames = to_uint8(video)
         write_video(path, frames, fps=cfg.fps)
@@ -133,10 +153,11 @@ def generate(cfg: Config) -> list[dict]:
             cfg, pipe, device, dtype, prompt=prompt, seed=seed, output=path, frames=frames,
             step_times=step_times, timings={
                 "setup_s": t_ready - t_start,
-                "sampling_s": t_sampled - t0,
-                "decode_and_write_s": time.perf_counter() - t_sampled,
+                # text encoding is shared by all prompts of the job
+                **{f"{k}_s": phases.records[k]["seconds"] for k in ("text_encoding", "sampling", "decoding")},
+                "write_s": time.perf_counter() - t_sampled,
                 "total_s": time.perf_counter() - t0,
-            },
+            }, memory=phases.memory(),
         )
         rep["cache"] = cache_policies.policy_of(pipe.dit).report()
         run_report.write(os.path.join(cfg.output_dir, name + ".json"), rep)

@@ -15,6 +15,7 @@ import torch
 from models.loading import CheckpointError, assign_state_dict, load_stdit3, read_safetensors, resolve_checkpoint
 from models.stdit3 import STDiT3, STDiT3Config, build_stdit3, get_config
 from models.text_tiny import TinyTextConfig, TinyTextEncoder, WordTokenizer
+from models.vae import VAEChunk
 from runner.config import ModelConfig, UserError
 
 # The random-weight demo architecture: pixel space (3 channels), small widths.
@@ -29,13 +30,30 @@ class Conditioning:
     y: torch.Tensor  # (2B, L, Cc): [cond; null]
     mask: torch.Tensor  # (B, L) long: the cond mask, reused for the null half as Open-Sora does
 
+    def select(self, i: int) -> "Conditioning":
+        """Prompt i alone, trimmed to its own tokens (a batch is trimmed to its longest prompt)."""
+        b = self.mask.shape[0]
+        mask = self.mask[i:i + 1]
+        n = int(mask.sum(1).max())
+        return Conditioning(self.y[[i, b + i], :n], mask[:, :n])
 
-class DemoPipeline:
-    family = "demo"
+    def to(self, device) -> "Conditioning":
+        return Conditioning(self.y.to(device), self.mask.to(device))
 
-    def __init__(self, dit: STDiT3, text: TinyTextEncoder, tokenizer: WordTokenizer, source: str, random_weights: bool):
-        self.dit, self.text, self.tokenizer = dit, text, tokenizer
-        self.source, self.random_weights = source, random_weights
+
+def trimmed_conditioning(y: torch.Tensor, mask: torch.Tensor, null: torch.Tensor) -> Conditioning:
+    """[cond; null] from text embeddings y (B, L, Cc), their mask (B, L) and the model's null
+    caption (>= L, Cc). Padding keys are masked out (the null half reuses the cond mask, as Open-Sora
+    does), so dropping the all-padding tail changes nothing and saves cross-attention work."""
+    n = int(mask.sum(1).max())
+    null = null[:n].to(device=y.device, dtype=y.dtype)[None].expand(y.shape[0], -1, -1)
+    return Conditioning(torch.cat([y[:, :n], null], 0), mask[:, :n])
+
+
+class PipelineBase:
+    """What every family shares around its STDiT3 (`self.dit`)."""
+
+    dit: STDiT3
 
     @property
     def device(self) -> torch.device:
@@ -45,20 +63,35 @@ class DemoPipeline:
     def latent_channels(self) -> int:
         return self.dit.config.in_channels
 
+
+class DemoPipeline(PipelineBase):
+    family = "demo"
+
+    def __init__(self, dit: STDiT3, text: TinyTextEncoder, tokenizer: WordTokenizer, source: str, random_weights: bool):
+        self.dit, self.text, self.tokenizer = dit, text, tokenizer
+        self.source, self.random_weights = source, random_weights
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (self.latent_channels, num_frames, height, width)
+
+    def conditioning_size(self, height: int, width: int) -> tuple[float, float]:
+        """The (height, width) the DiT and the timestep transform are conditioned on: exact here."""
+        return float(height), float(width)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Conditioning:
         ids, mask = self.tokenizer(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        y = self.text(ids, mask)
-        null = self.dit.null_caption[: y.shape[1]].to(y.dtype)[None].expand_as(y)
-        # Padding keys are masked out, so dropping the all-padding tail changes nothing.
-        n = int(mask.sum(1).max())
-        return Conditioning(torch.cat([y, null], 0)[:, :n], mask[:, :n])
+        return trimmed_conditioning(self.text(ids, mask), mask, self.dit.null_caption)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def chunks(self, num_frames: int) -> list[VAEChunk]:
+        """Independent decode units (one per frame: decoding is the identity here)."""
+        return [VAEChunk(i, i, i + 1, i, i + 1) for i in range(num_frames)]
+
+    def decode_chunks(self, z: torch.Tensor, num_frames: int, chunk_ids) -> torch.Tensor:
+        return z[:, :, list(chunk_ids)]
+
+    def decode(self, z: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         """Latent (B, C, T, H, W) -> video (B, 3, T, H, W) in [-1, 1]."""
         return z
 
@@ -105,13 +138,31 @@ def random_demo(arch: STDiT3Config, seed: int, device, dtype) -> DemoPipeline:
     return DemoPipeline(dit.eval(), text.to(device).eval(), tok, "random", random_weights=True)
 
 
-def build_pipeline(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> DemoPipeline:
+# The trained demo model shipped with the repository (`model.weights=builtin:demo`).
+BUILTIN = {"demo": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")}
+
+
+def resolve_weights(path: str) -> str:
+    if path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise UserError(f"model.weights={path} is not a built-in model; known: builtin:{', builtin:'.join(BUILTIN)}.")
+        return BUILTIN[name]
+    return path
+
+
+def build_pipeline(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """-> DemoPipeline or OpenSoraPipeline (same interface), by cfg.family."""
+    if cfg.family == "opensora-v1.2":
+        from runner.opensora_pipeline import build_opensora_pipeline
+
+        return build_opensora_pipeline(cfg, device, dtype)
     if cfg.family != "demo":
-        raise UserError(f"model.family={cfg.family!r} is not known; use model=demo.")
+        raise UserError(f"model.family={cfg.family!r} is not known; use model=demo or model=opensora-v1.2.")
     if cfg.weights is None:
         arch = DEMO_ARCH if cfg.arch == "STDiT3-demo" else _named_arch(cfg.arch)
         return random_demo(arch, cfg.init_seed, device, dtype)
-    return _load_demo_dir(cfg.weights, device, dtype)
+    return _load_demo_dir(resolve_weights(cfg.weights), device, dtype)
 
 
 def _named_arch(name: str) -> STDiT3Config:

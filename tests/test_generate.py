@@ -14,7 +14,7 @@ from runner.pipeline import random_demo, save_demo_dir, DEMO_ARCH
 from runner.video import read_video
 from tests.helpers import ROOT, make_cfg, subprocess_env
 
-FAST = ("sampler.num_steps=3", "progress=false")
+FAST = ("model=demo-random", "sampler.num_steps=3", "progress=false")
 
 
 def test_end_to_end_writes_video_and_report(tmp_path):

@@ -7,7 +7,8 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from models.t5 import T5_XXL_CONFIG, T5LoadError, T5TextEncoder  # noqa: E402
+from models.loading import CheckpointError  # noqa: E402
+from models.t5 import T5_XXL_CONFIG, T5TextEncoder  # noqa: E402
 
 WORDS = "a cat dog sitting on the mat sunset over ocean aesthetic score motion camera pan left . : , 6 5".split()
 
@@ -79,7 +80,7 @@ def test_dtype_and_release(t5_dir):
 
 
 def test_missing_files_error(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(CheckpointError) as err:
         T5TextEncoder.from_pretrained(tmp_path)
     msg = str(err.value)
     assert "config.json" in msg and "spiece.model" in msg
@@ -94,7 +95,7 @@ def test_missing_weight_is_an_error_not_random_init(t5_dir, tmp_path):
     weights = safetensors_torch.load_file(str(tmp_path / "model.safetensors"))
     weights["encoder.final_layernorm.weight"] = weights.pop("encoder.final_layer_norm.weight")
     safetensors_torch.save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(T5LoadError, match="encoder.final_layer_norm.weight"):
+    with pytest.raises(CheckpointError, match="encoder.final_layer_norm.weight"):
         T5TextEncoder.from_pretrained(tmp_path)
 
 
@@ -107,7 +108,7 @@ def test_shape_mismatch_is_an_error(t5_dir, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["d_ff"] = 32
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(T5LoadError, match="does not match"):
+    with pytest.raises(CheckpointError, match="does not match"):
         T5TextEncoder.from_pretrained(tmp_path)
 
 

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("diffusers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from models.strict_load import CheckpointMismatchError  # noqa: E402
+from models.loading import CheckpointError  # noqa: E402
 from models.vae import (  # noqa: E402
     HF_REPO,
     SDXL_VAE_CONFIG,
@@ -150,7 +150,7 @@ def test_from_pretrained_dtype(vae_dir):
 
 
 def test_missing_files_error(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(CheckpointError) as err:
         OpenSoraVAE.from_pretrained(tmp_path)
     msg = str(err.value)
     assert "config.json" in msg and "model.safetensors" in msg
@@ -162,7 +162,7 @@ def test_mismatched_key_error(vae, tmp_path):
     sd["temporal_vae.decoder.conv_out.weight"] = sd.pop("temporal_vae.decoder.conv_out.conv.weight")
     (tmp_path / "config.json").write_text(json.dumps(PUBLISHED_CONFIG))
     safetensors_torch.save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointMismatchError) as err:
+    with pytest.raises(CheckpointError) as err:
         OpenSoraVAE.from_pretrained(tmp_path, spatial_config=TINY_SPATIAL, temporal_config=TINY_TEMPORAL)
     msg = str(err.value)
     assert "missing keys: temporal_vae.decoder.conv_out.conv.weight" in msg
@@ -171,7 +171,7 @@ def test_mismatched_key_error(vae, tmp_path):
 
 def test_wrong_width_error(vae_dir):
     wider = TemporalVAEConfig(filters=16, num_res_blocks=2, num_groups=4)
-    with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
+    with pytest.raises(CheckpointError, match="wrong shapes"):
         OpenSoraVAE.from_pretrained(vae_dir, spatial_config=TINY_SPATIAL, temporal_config=wider)
 
 
