@@ -56,9 +56,8 @@ def bench(args) -> dict:
     weights = args.weights
     if weights is None and os.path.isfile(os.path.join(ROOT, "assets", "demo", "dit.safetensors")):
         weights = os.path.join(ROOT, "assets", "demo")
-    base = ["progress=false", f"sampler.num_steps={args.steps}", *args.overrides]
-    if weights:
-        base.append(f"model.weights={weights}")
+    base = ["progress=false", f"sampler.num_steps={args.steps}", f"model.weights={weights or 'null'}",
+            *args.overrides]
     cfgs = {name: compose_config([*base, f"cache={name}"]) for name in args.policies}
     cfg0 = cfgs[args.policies[0]]
     device = resolve_device(cfg0.device)
