@@ -15,7 +15,9 @@ Rank agreement: the metric's partial sums of every site go into one float64 tens
 `comm.all_reduce(group="agree")` per computed step (none on reused steps, none on the last step,
 whose decision nothing uses); the decision is a pure function of the reduced sums.
 `verify_agreement` additionally gathers every rank's decision and raises on any mismatch.
-With CFG-parallel the agreement group spans the CFG pair, so the pair takes one joint decision from
+A layout that pads the spatial axis of its shard puts a bool (S_local,) mask of the valid tokens in
+`Embedded.extras["s_mask"]` and the sums skip the rest (the DSP/Ulysses layouts split rows unevenly
+without padding and need none). With CFG-parallel the agreement group spans the CFG pair, so the pair takes one joint decision from
 the metric over both halves, exactly as the released code (one batched [cond; uncond] forward).
 
 The residual is added in fp32 and rounded once to the model dtype; a per-block bf16 cache rounds
