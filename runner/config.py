@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -71,10 +71,48 @@ class ParallelSettings:
 
 
 @dataclass
+class CacheConfig:
+    """Feature caching (runner/cache): conf/cache/{none,adacache,adacache-slow,adacache-moreg}.yaml."""
+
+    # none | adacache
+    name: str = "none"
+    # Which published AdaCache codebook: fast | slow.
+    speed: str = "fast"
+    # Use the published codebook of this many steps (30 or 100); null: the one of sampler.num_steps,
+    # or the nearest published step count (reported as approximate).
+    codebook_steps: Optional[int] = None
+    # A custom codebook instead: rate codebook_rates[i] for the first i with distance < thresholds[i],
+    # else codebook_rates[-1] (one more rate than thresholds).
+    codebook_thresholds: Optional[List[float]] = None
+    codebook_rates: Optional[List[int]] = None
+    # Layers whose residual gives the metric; null: the middle layer depth//2 - 1 (13 of 28, as released).
+    cache_loc: Optional[List[int]] = None
+    # t-attn | s-attn | ca-mlp
+    cache_res: str = "t-attn"
+    # Motion regularisation (MoReg) as released.
+    moreg: bool = False
+    # [first, last] 1-based steps; null: (4, 26) for 30 steps, (10, 90) for 100, scaled for others.
+    moreg_window: Optional[List[int]] = None
+    moreg_strides: List[int] = field(default_factory=lambda: [1])
+    moreg_norm: float = 0.385
+    moreg_power: float = 8.0
+    moreg_div: float = 1.0
+    mograd_mul: float = 10.0
+    # false: the "MoReg without gradient" ablation.
+    moreg_grad: bool = True
+    # Debug: gather every rank's decision each computed step and fail loudly on any mismatch.
+    verify_agreement: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
+
+
+@dataclass
+    cache: CacheConfig = field(default_factory=CacheConfig)
     # One prompt, or a file with one prompt per line (blank lines and lines starting with # skipped).
     prompt: Optional[str] = None
     prompts_file: Optional[str] = None
@@ -194,5 +232,36 @@ def validate(cfg: Config) -> None:
         problems.append(f"fps must be >= 1 (got {cfg.fps})")
     if cfg.sampler.name != "rflow":
         problems.append(f"sampler.name={cfg.sampler.name!r} is not known; use rflow")
+    problems += cache_problems(cfg.cache)
     if problems:
         raise UserError("invalid configuration: " + "; ".join(problems) + ".")
+
+
+def cache_problems(c: CacheConfig) -> list[str]:
+    """What is wrong with the cache settings (empty when nothing)."""
+    out = []
+    if c.name not in ("none", "adacache"):
+        out.append(f"cache.name={c.name!r} is not known; use cache=none, cache=adacache, cache=adacache-slow or cache=adacache-moreg")
+    if c.speed not in ("fast", "slow"):
+        out.append(f"cache.speed={c.speed!r} is not known; use fast or slow")
+    if c.cache_res not in ("t-attn", "s-attn", "ca-mlp"):
+        out.append(f"cache.cache_res={c.cache_res!r} is not known; use t-attn, s-attn or ca-mlp")
+    from runner.cache.codebook import PUBLISHED
+
+    if c.codebook_steps is not None and (c.codebook_steps, c.speed) not in PUBLISHED:
+        known = ", ".join(f"{n} ({s})" for n, s in PUBLISHED)
+        out.append(f"cache.codebook_steps={c.codebook_steps} has no published {c.speed} codebook; use null or one of {known}")
+    if (c.codebook_thresholds is None) != (c.codebook_rates is None):
+        out.append("a custom codebook needs both cache.codebook_thresholds and cache.codebook_rates")
+    elif c.codebook_thresholds is not None:
+        th, rates = list(c.codebook_thresholds), list(c.codebook_rates)
+        if len(rates) != len(th) + 1 or any(b <= a for a, b in zip(th, th[1:])) or min(rates) < 1:
+            out.append("cache.codebook_rates needs one more rate (each >= 1) than cache.codebook_thresholds "
+                       "(strictly increasing)")
+    if c.moreg_window is not None and (len(c.moreg_window) != 2 or not 1 <= c.moreg_window[0] <= c.moreg_window[1]):
+        out.append(f"cache.moreg_window={list(c.moreg_window)} must be [first, last] 1-based steps with first <= last")
+    if not c.moreg_strides or min(c.moreg_strides) < 1:
+        out.append("cache.moreg_strides must be a non-empty list of frame strides >= 1")
+    if c.cache_loc is not None and (not c.cache_loc or min(c.cache_loc) < 0):
+        out.append("cache.cache_loc must be null or a non-empty list of layer indices >= 0")
+    return out

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from models.loading import CheckpointError
+from runner import cache as cache_policies
 from runner import distributed, report as run_report
 from runner.config import (
     Config, UserError, read_prompts, register_configs, resolve_device, resolve_dtype, resolve_presets, validate,
@@ -71,6 +72,8 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
     encoded here); `phases` (runner.report.Phases), if given, closes "sampling" and "decoding".
     `par`: the job's `runner.distributed.Parallel` (default: one process). Only its writer (the
     group leader) decodes; the others return video None.
+    The cache policy of cfg.cache is installed on pipe.dit on first use (after the parallel layout),
+    reset here and told every step; its agreement all-reduce goes through `par.comm`.
     """
     par = par or distributed.local()
     settings = SamplerSettings(**{k: getattr(cfg.sampler, k) for k in ("num_steps", "cfg_scale", "use_timestep_transform", "num_timesteps")})
@@ -84,6 +87,10 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
 
     def model_fn(z_in, t_in, info):
         return pipe.dit(z_in, t_in, run.y, run.mask, fps=cfg.fps, height=height, width=width, rows=run.rows)
+
+    policy = cache_policies.attach(pipe.dit, cfg.cache, par.comm)
+    policy.reset()
+    model_fn = policy.wrap_model_fn(model_fn)
 
     step_times: list[float] = []
     bar = None
@@ -171,6 +178,7 @@ def generate(cfg: Config) -> list[dict]:
             }, memory=phases.memory(),
         )
         rep["parallel"] = parallel_info
+        rep["cache"] = cache_policies.policy_of(pipe.dit).report()
         run_report.write(os.path.join(cfg.output_dir, name + ".json"), rep)
         print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
               f"{rep['timings']['total_s']:.2f} s)", file=sys.stderr)
