@@ -109,9 +109,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
-
-
-@dataclass
     cache: CacheConfig = field(default_factory=CacheConfig)
     # One prompt, or a file with one prompt per line (blank lines and lines starting with # skipped).
     prompt: Optional[str] = None
