@@ -52,6 +52,8 @@ class SamplerConfig:
     cfg_scale: float = 7.0
     use_timestep_transform: bool = True
     num_timesteps: int = 1000
+    # Fixed transform ratio instead of the size-dependent one (set by conf/model/demo.yaml).
+    timestep_shift: Optional[float] = None
 
 
 @dataclass

@@ -76,7 +76,7 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
     reset here and told every step; its agreement all-reduce goes through `par.comm`.
     """
     par = par or distributed.local()
-    settings = SamplerSettings(**{k: getattr(cfg.sampler, k) for k in ("num_steps", "cfg_scale", "use_timestep_transform", "num_timesteps")})
+    settings = SamplerSettings(**{k: getattr(cfg.sampler, k) for k in ("num_steps", "cfg_scale", "use_timestep_transform", "num_timesteps", "timestep_shift")})
     # The size the model is conditioned on (bf16-rounded for Open-Sora: 854 -> 856), for both the
     # position-embedding scale and the timestep transform.
     height, width = pipe.conditioning_size(cfg.height, cfg.width)

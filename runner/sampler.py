@@ -51,6 +51,15 @@ class SamplerSettings:
     cfg_scale: float = 7.0
     use_timestep_transform: bool = True
     num_timesteps: int = 1000
+    # A fixed ratio r instead of the one computed from the video size (the demo model, trained with
+    # it, works in pixel space where Open-Sora's latent-geometry ratio does not apply).
+    timestep_shift: float | None = None
+
+
+def shift_timestep(t: float, ratio: float, num_timesteps: int = 1000) -> float:
+    """tau' = r tau / (1 + (r - 1) tau), tau = t / num_timesteps (the transform with a fixed r)."""
+    tau = t / num_timesteps
+    return num_timesteps * ratio * tau / (1 + (ratio - 1) * tau)
 
 
 def make_timesteps(s: SamplerSettings, height: float, width: float, num_frames: int) -> list[float]:
@@ -58,7 +67,11 @@ def make_timesteps(s: SamplerSettings, height: float, width: float, num_frames: 
     if s.num_steps < 1:
         raise ValueError(f"sampler.num_steps must be >= 1, got {s.num_steps}")
     ts = [(1.0 - i / s.num_steps) * s.num_timesteps for i in range(s.num_steps)]
-    if s.use_timestep_transform:
+    if s.timestep_shift is not None:
+        if s.timestep_shift <= 0:
+            raise ValueError(f"sampler.timestep_shift must be > 0, got {s.timestep_shift}")
+        ts = [shift_timestep(t, s.timestep_shift, s.num_timesteps) for t in ts]
+    elif s.use_timestep_transform:
         ts = [timestep_transform(t, height, width, num_frames, s.num_timesteps) for t in ts]
     return ts
 
@@ -129,6 +142,7 @@ __all__ = [
     "guidance",
     "make_timesteps",
     "sample",
+    "shift_timestep",
     "timestep_transform",
     "transform_ratio",
     "check_finite",

@@ -51,6 +51,11 @@ class TrainConfig:
     warmup: int = 100
     ema_decay: float = 0.998
     cfg_dropout: float = 0.1  # probability of training on the null caption (for CFG)
+    # Timestep shift t' = r t / (1 + (r - 1) t) of the logit-normal t (Open-Sora's transform with a
+    # fixed ratio): pixels are redundant, so the layout is decided at high noise and needs samples
+    # there. Applied from step t_shift_start on (the shipped run trained its first steps unshifted).
+    t_shift: float = 3.0
+    t_shift_start: int = 0
     num_frames: int = 8
     size: int = 32
     seed: int = 0
@@ -84,15 +89,21 @@ def build_demo(arch: DemoArch, seed: int) -> DemoPipeline:
     return DemoPipeline(dit, text, tok, "trained", random_weights=False)
 
 
-def rf_loss(pipe: DemoPipeline, x0: torch.Tensor, captions: list[str], cfg: TrainConfig, gen: torch.Generator):
-    """Rectified flow: x_t = (1 - t) x0 + t eps, the model predicts v = x0 - eps; t ~ logit-normal."""
+def shift_t(t: torch.Tensor, ratio: float) -> torch.Tensor:
+    return ratio * t / (1 + (ratio - 1) * t)
+
+
+def rf_loss(pipe: DemoPipeline, x0: torch.Tensor, captions: list[str], cfg: TrainConfig, gen: torch.Generator,
+            t_shift: float = 1.0):
+    """Rectified flow: x_t = (1 - t) x0 + t eps, the model predicts v = x0 - eps; t ~ logit-normal,
+    shifted towards noise by t_shift."""
     b = x0.shape[0]
     ids, mask = pipe.tokenizer(captions)
     y = pipe.text(ids, mask)
     drop = torch.rand(b, generator=gen) < cfg.cfg_dropout
     null = pipe.dit.null_caption[: y.shape[1]][None].expand_as(y)
     y = torch.where(drop[:, None, None], null, y)
-    t = torch.sigmoid(torch.randn(b, generator=gen))
+    t = shift_t(torch.sigmoid(torch.randn(b, generator=gen)), t_shift)
     eps = torch.randn(x0.shape, generator=gen)
     tb = t[:, None, None, None, None]
     xt = (1 - tb) * x0 + tb * eps
@@ -178,7 +189,7 @@ def train(cfg: TrainConfig) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         x0, captions = demo_data.make_batch(rng, cfg.batch_size, cfg.num_frames, cfg.size, split="train")
-        loss = rf_loss(pipe, x0, captions, cfg, gen)
+        loss = rf_loss(pipe, x0, captions, cfg, gen, cfg.t_shift if step >= cfg.t_shift_start else 1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

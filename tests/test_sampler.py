@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from runner.sampler import SamplerSettings, guidance, make_timesteps, sample, timestep_transform, transform_ratio
@@ -66,3 +67,13 @@ def test_euler_integrates_full_interval_and_reports_steps():
 def test_guidance_formula():
     c, u = torch.tensor([2.0]), torch.tensor([1.0])
     assert guidance(c, u, 7.0).item() == 8.0
+
+
+def test_fixed_timestep_shift_replaces_the_size_dependent_transform():
+    # tau' = 3 tau / (1 + 2 tau): 0.75 -> 0.9, 0.5 -> 0.75, 0.25 -> 0.5, whatever the video size
+    for size in ((32, 32, 8), (720, 1280, 102)):
+        ts = make_timesteps(SamplerSettings(num_steps=4, timestep_shift=3.0), *size)
+        assert [round(t, 9) for t in ts] == [1000.0, 900.0, 750.0, 500.0]
+    assert make_timesteps(SamplerSettings(num_steps=4, timestep_shift=1.0), 720, 1280, 102) == [1000.0, 750.0, 500.0, 250.0]
+    with pytest.raises(ValueError, match="timestep_shift"):
+        make_timesteps(SamplerSettings(num_steps=4, timestep_shift=0.0), 32, 32, 8)
