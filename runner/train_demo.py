@@ -49,6 +49,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 100
+    decay_steps: int = 0  # linear decay of the lr to 0 over the last decay_steps steps (0: constant)
     ema_decay: float = 0.998
     cfg_dropout: float = 0.1  # probability of training on the null caption (for CFG)
     # Timestep shift t' = r t / (1 + (r - 1) t) of the logit-normal t (Open-Sora's transform with a
@@ -109,6 +110,14 @@ def rf_loss(pipe: DemoPipeline, x0: torch.Tensor, captions: list[str], cfg: Trai
     xt = (1 - tb) * x0 + tb * eps
     v = pipe.dit(xt, t * 1000, y, mask, fps=24, height=x0.shape[3], width=x0.shape[4])
     return torch.nn.functional.mse_loss(v, x0 - eps)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, constant, then (decay_steps > 0) linear decay to 0 at the last step."""
+    factor = min(1.0, (step + 1) / cfg.warmup)
+    if cfg.decay_steps > 0:
+        factor = min(factor, (cfg.steps - step) / cfg.decay_steps)
+    return cfg.lr * factor
 
 
 class EMA:
@@ -185,7 +194,7 @@ def train(cfg: TrainConfig) -> dict:
         bar = tqdm(total=cfg.steps, initial=start, desc="train_demo", unit="step", file=sys.stderr)
     step = start
     for step in range(start, cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        lr = learning_rate(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
         x0, captions = demo_data.make_batch(rng, cfg.batch_size, cfg.num_frames, cfg.size, split="train")

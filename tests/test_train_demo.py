@@ -7,7 +7,7 @@ import torch
 from models.loading import read_safetensors
 from runner.config import ModelConfig
 from runner.pipeline import build_pipeline
-from runner.train_demo import DemoArch, TrainConfig, shift_t, train
+from runner.train_demo import DemoArch, TrainConfig, learning_rate, shift_t, train
 
 TINY = dict(arch=DemoArch(depth=1, hidden_size=32, num_heads=2, text_width=16, text_depth=1, text_heads=2),
             batch_size=2, num_frames=4, size=16, warmup=2, progress=False, log_every=1000, t_shift_start=2)
@@ -40,3 +40,12 @@ def test_resume_continues_bit_exactly_and_the_checkpoint_generates(tmp_path):
     z = torch.randn(2, 3, 4, 16, 16)
     out = pipe.dit(z, torch.full((2,), 500.0), cond.y, cond.mask, fps=24, height=16, width=16)
     assert out.shape == z.shape and torch.isfinite(out).all()
+
+
+def test_learning_rate_warms_up_holds_and_decays_to_zero():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=10, decay_steps=20)
+    lrs = [learning_rate(cfg, s) for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[79] == 1.0
+    assert lrs[80] == 1.0 and abs(lrs[90] - 0.5) < 1e-12 and abs(lrs[99] - 0.05) < 1e-12
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert learning_rate(TrainConfig(steps=100, lr=1.0, warmup=10), 99) == 1.0
