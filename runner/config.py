@@ -72,11 +72,12 @@ class ParallelSettings:
 
 @dataclass
 class CacheConfig:
-    """Feature caching (runner/cache): conf/cache/{none,adacache,adacache-slow,adacache-moreg}.yaml."""
+    """Feature caching (runner/cache): conf/cache/*.yaml (none, adacache, adacache-slow, adacache-moreg,
+    teacache, teacache-slow, fbcache, deltadit, deltadit-port, pab246, pab357, pab579)."""
 
-    # none | adacache
+    # none | adacache | teacache | fbcache | deltadit | pab
     name: str = "none"
-    # Which published AdaCache codebook: fast | slow.
+    # fast | slow: which published AdaCache codebook; for TeaCache the threshold delta (0.2 | 0.1).
     speed: str = "fast"
     # Use the published codebook of this many steps (30 or 100); null: the one of sampler.num_steps,
     # or the nearest published step count (reported as approximate).
@@ -100,8 +101,20 @@ class CacheConfig:
     mograd_mul: float = 10.0
     # false: the "MoReg without gradient" ablation.
     moreg_grad: bool = True
-    # Debug: gather every rank's decision each computed step and fail loudly on any mismatch.
+    # Debug: gather every rank's decision each computed step and fail loudly on any mismatch
+    # (the content-adaptive policies: adacache, teacache, fbcache).
     verify_agreement: bool = False
+
+    # -- TeaCache: accumulated rescaled relative L1 of block 0's modulated input against delta.
+    # delta; null: 0.1 for speed=slow, 0.2 for speed=fast (the published Open-Sora settings).
+    teacache_thresh: Optional[float] = None
+    # The rescaling polynomial, highest power first (default: the published Open-Sora 1.2 fit).
+    teacache_coefficients: List[float] = field(default_factory=lambda: [
+        2.17546007e+02, -1.18329252e+02, 2.68662585e+01, -4.59364272e-02, 4.84426240e-02])
+
+    # -- First-Block-Cache: reuse the tail residual while layer 0's residual changes less than this
+    # (relative L1 against the last computed step; diffusers' default 0.05).
+    fbcache_threshold: float = 0.05
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""TeaCache, First-Block-Cache, Delta-DiT and PAB under the DSP layout (gloo ranks).
+
+Content-adaptive policies (TeaCache, FBCache): the reused-step pattern and every decision value are
+the single-process ones for sp = 2, 3 and cfg = 2, and each decided step adds exactly one small
+all-reduce (the rank agreement). Schedule policies (Delta-DiT, PAB): no agreement traffic at all.
+Collectives per step under DSP sp = 2 are counted: a skipped spatial attention skips its two
+all-to-alls, a reused stack skips every layout collective.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runner.cache import build_policy
+from runner.config import CacheConfig
+from tests.cache_util import FRAMES, SIZE, STEPS, inputs, run, sharded_run, tiny_model
+from tests.cache_util import one_thread  # noqa: F401 (autouse fixture)
+from tests.dist_util import run_dist
+
+DEPTH = 2
+ADAPTIVE = {"teacache": CacheConfig(name="teacache", speed="fast"),
+            "fbcache": CacheConfig(name="fbcache", fbcache_threshold=0.05)}
+
+
+def _single(cache: CacheConfig):
+    z, y, mask = inputs(frames=FRAMES, size=SIZE)
+    model = tiny_model(depth=DEPTH)
+    policy = build_policy(cache)
+    policy.install(model)
+    return run(model, policy, z, y, mask), policy.report()
+
+
+def _adaptive_expect(name, rep, step, sp, cfg_size):
+    """The collectives one step must run: {op: count}."""
+    expect = {}
+    if cfg_size == 2:
+        expect["all_gather"] = 1  # the velocity exchange inside the CFG pair
+    decided = {d["step"] for d in rep["decisions"]}
+    if step in decided:
+        expect["all_reduce"] = 1
+    if sp > 1:
+        if rep["pattern"][step] == "C":
+            expect["all_to_all"] = 2 * DEPTH
+        elif name == "fbcache":
+            expect["all_to_all"] = 2  # layer 0 runs on every step, with its spatial attention
+    return expect
+
+
+MESHES = [(2, 2, 1), (3, 3, 1), (2, 1, 2)]  # (world, sp, cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ADAPTIVE))
+@pytest.mark.parametrize("world,sp,cfg_size", MESHES, ids=[f"sp{m[1]}-cfg{m[2]}" for m in MESHES])
+def test_adaptive_hit_pattern_invariance_and_collectives(name, world, sp, cfg_size):
+    cache = ADAPTIVE[name]
+    want, want_rep = _single(cache)
+    assert 0 < want_rep["pattern"].count("R") < STEPS - 4
+    decided = [d["step"] for d in want_rep["decisions"]]
+    assert decided == (list(range(1, STEPS - 1)) if name == "teacache" else list(range(1, STEPS)))
+    for full, rep, per_step in run_dist(sharded_run, world, sp, cfg_size, "dsp", cache, timeout=90):
+        assert rep["pattern"] == want_rep["pattern"]
+        assert [d["rel_l1"] for d in rep["decisions"]] == pytest.approx([d["rel_l1"] for d in want_rep["decisions"]],
+                                                                         rel=1e-6)
+        assert rep["agreement"]["size"] == world and rep["agreement"]["decision_all_reduces"] == len(decided)
+        torch.testing.assert_close(full, want, rtol=1e-4, atol=1e-4)
+        for step in range(STEPS):
+            ops = {op: v["count"] for op, v in per_step[str(step)].items()}
+            assert ops == _adaptive_expect(name, rep, step, sp, cfg_size), (step, rep["pattern"][step])
+            if "all_reduce" in ops:
+                assert per_step[str(step)]["all_reduce"]["bytes"] == 2 * 8  # two float64 sums
