@@ -116,6 +116,28 @@ class CacheConfig:
     # (relative L1 against the last computed step; diffusers' default 0.05).
     fbcache_threshold: float = 0.05
 
+    # -- Delta-DiT: Delta-Cache of a contiguous span of blocks (counted over both kinds: 56 for
+    # Open-Sora, spatial 0, temporal 0, spatial 1, ...).
+    # paper: rear span during the first b steps, front span after, refresh every N steps and at the
+    # switch. port: the PAB authors' Open-Sora port (deltadit_port_*).
+    deltadit_rule: str = "paper"
+    # Target speed-up over block MACs; gives N = ceil(s) and N_c = ceil(N/(N-1) (N_b - N_b/s)).
+    deltadit_speedup: float = 1.6
+    # N (refresh period) and N_c (span length in blocks) directly; both or neither (then the speed-up).
+    deltadit_interval: Optional[int] = None
+    deltadit_span: Optional[int] = None
+    # Outline-stage steps that use the rear span; null: round(0.6 * steps) (the paper's 12 of 20).
+    deltadit_b: Optional[int] = None
+    # I_front, the first block of the front span (the rear span ends at the last block).
+    deltadit_front_start: int = 0
+    # port: steps [first, last] in which every gap-th step (counted from first, 1-based) skips the
+    # ST-layers [first, last] (both kinds of block); all other steps refresh.
+    deltadit_port_steps: List[int] = field(default_factory=lambda: [0, 5])
+    deltadit_port_layers: List[int] = field(default_factory=lambda: [0, 5])
+    deltadit_port_gap: int = 2
+    # Add h_in - h_out instead of h_out - h_in: the port's sign (a likely bug), to reproduce its numbers.
+    deltadit_negate: bool = False
+
 
 @dataclass
 class Config:

@@ -70,3 +70,34 @@ def test_adaptive_hit_pattern_invariance_and_collectives(name, world, sp, cfg_si
             assert ops == _adaptive_expect(name, rep, step, sp, cfg_size), (step, rep["pattern"][step])
             if "all_reduce" in ops:
                 assert per_step[str(step)]["all_reduce"]["bytes"] == 2 * 8  # two float64 sums
+
+
+SCHEDULED = {
+    "deltadit": CacheConfig(name="deltadit", deltadit_interval=2, deltadit_span=2, deltadit_b=10),
+    "deltadit-port": CacheConfig(name="deltadit", deltadit_rule="port", deltadit_port_layers=[0, 0]),
+}
+
+
+def _spatial_attentions_run(name, rep, step):
+    """How many spatial self-attentions (2 all-to-alls each under DSP) ran at step."""
+    if rep["pattern"][step] == "C":
+        return DEPTH
+    lo, hi = rep["spans"][step]
+    return DEPTH - len([i for i in range(lo, hi) if i % 2 == 0])  # spatial blocks sit at even positions
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SCHEDULED))
+def test_scheduled_policies_collectives_under_dsp_sp2(name):
+    cache = SCHEDULED[name]
+    want, want_rep = _single(cache)
+    assert "R" in want_rep["pattern"]
+    for full, rep, per_step in run_dist(sharded_run, 2, 2, 1, "dsp", cache, timeout=90):
+        assert rep["pattern"] == want_rep["pattern"]
+        torch.testing.assert_close(full, want, rtol=1e-4, atol=1e-4)
+        for step in range(STEPS):
+            ops = {op: v["count"] for op, v in per_step[str(step)].items()}
+            assert ops == {"all_to_all": 2 * _spatial_attentions_run(name, rep, step)}, step  # no agreement traffic
+    if name == "deltadit":
+        assert {tuple(s) for s in want_rep["spans"][:10]} == {(2, 4)} and {tuple(s) for s in want_rep["spans"][10:]} \
+            == {(0, 2)}
