@@ -138,6 +138,16 @@ class CacheConfig:
     # Add h_in - h_out instead of h_out - h_in: the port's sign (a likely bug), to reproduce its numbers.
     deltadit_negate: bool = False
 
+    # -- PAB (pyramid attention broadcast): reuse an attention output while lo < t < hi (bf16 t,
+    # strict) and step % range != 0; ranges for spatial, temporal, cross (PAB246: 2, 4, 6).
+    pab_ranges: List[int] = field(default_factory=lambda: [2, 4, 6])
+    pab_window: List[float] = field(default_factory=lambda: [450.0, 930.0])
+    # MLP broadcast: at int(t) in keys the listed layers' MLPs (both kinds) store, the next `skip` steps reuse.
+    pab_mlp: bool = True
+    pab_mlp_keys: List[int] = field(default_factory=lambda: [676, 788, 864])
+    pab_mlp_blocks: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    pab_mlp_skip: int = 2
+
 
 @dataclass
 class Config:

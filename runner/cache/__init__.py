@@ -19,9 +19,10 @@ from runner.cache.base import CacheAgreementError, CachePolicy, NoCache
 from runner.cache.codebook import Codebook, moreg_window, select_codebook
 from runner.cache.deltadit import DeltaDiT
 from runner.cache.fbcache import FBCache
+from runner.cache.pab import PAB
 from runner.cache.teacache import TeaCache
 
-POLICIES = {"none": NoCache, "adacache": AdaCache, "teacache": TeaCache, "fbcache": FBCache, "deltadit": DeltaDiT}
+POLICIES = {"none": NoCache, "adacache": AdaCache, "teacache": TeaCache, "fbcache": FBCache, "deltadit": DeltaDiT, "pab": PAB}
 
 _installed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -60,5 +61,5 @@ def detach(model) -> None:
         entry[0].uninstall()
 
 
-__all__ = ["AdaCache", "CacheAgreementError", "CachePolicy", "Codebook", "DeltaDiT", "FBCache", "NoCache", "TeaCache", "POLICIES", "attach",
+__all__ = ["AdaCache", "CacheAgreementError", "CachePolicy", "Codebook", "DeltaDiT", "FBCache", "NoCache", "PAB", "TeaCache", "POLICIES", "attach",
            "build_policy", "detach", "moreg_window", "policy_of", "select_codebook"]
