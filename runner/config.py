@@ -282,8 +282,13 @@ def validate(cfg: Config) -> None:
 def cache_problems(c: CacheConfig) -> list[str]:
     """What is wrong with the cache settings (empty when nothing)."""
     out = []
-    if c.name not in ("none", "adacache"):
-        out.append(f"cache.name={c.name!r} is not known; use cache=none, cache=adacache, cache=adacache-slow or cache=adacache-moreg")
+    from runner.cache import POLICIES
+    from runner.cache.deltadit import RULES
+
+    if c.name not in POLICIES:
+        out.append(f"cache.name={c.name!r} is not known; use one of {', '.join(POLICIES)} (named configs: cache=none, "
+                   "adacache, adacache-slow, adacache-moreg, teacache, teacache-slow, fbcache, deltadit, "
+                   "deltadit-port, pab246, pab357, pab579)")
     if c.speed not in ("fast", "slow"):
         out.append(f"cache.speed={c.speed!r} is not known; use fast or slow")
     if c.cache_res not in ("t-attn", "s-attn", "ca-mlp"):
@@ -306,4 +311,19 @@ def cache_problems(c: CacheConfig) -> list[str]:
         out.append("cache.moreg_strides must be a non-empty list of frame strides >= 1")
     if c.cache_loc is not None and (not c.cache_loc or min(c.cache_loc) < 0):
         out.append("cache.cache_loc must be null or a non-empty list of layer indices >= 0")
+    if c.teacache_thresh is not None and not c.teacache_thresh > 0:
+        out.append(f"cache.teacache_thresh={c.teacache_thresh} must be > 0 (or null: 0.1 slow, 0.2 fast)")
+    if not c.fbcache_threshold > 0:
+        out.append(f"cache.fbcache_threshold={c.fbcache_threshold} must be > 0")
+    if c.deltadit_rule not in RULES:
+        out.append(f"cache.deltadit_rule={c.deltadit_rule!r} is not known; use {' or '.join(RULES)}")
+    if (c.deltadit_interval is None) != (c.deltadit_span is None):
+        out.append("set both cache.deltadit_interval (N) and cache.deltadit_span (N_c), or neither (then "
+                   "cache.deltadit_speedup gives them)")
+    elif c.deltadit_span is None and not c.deltadit_speedup > 1:
+        out.append(f"cache.deltadit_speedup={c.deltadit_speedup} must be > 1")
+    if len(c.pab_ranges) != 3 or min(c.pab_ranges, default=0) < 1:
+        out.append(f"cache.pab_ranges={list(c.pab_ranges)} must be 3 ranges >= 1 (spatial, temporal, cross)")
+    if len(c.pab_window) != 2 or not c.pab_window[0] < c.pab_window[1]:
+        out.append(f"cache.pab_window={list(c.pab_window)} must be [low, high] timesteps with low < high")
     return out

@@ -202,3 +202,36 @@ def test_fbcache_on_the_tiny_model_first_step_only_and_all_steps():
         else:
             assert not torch.allclose(out, plain, atol=1e-3)
     assert dataclasses.asdict(CacheConfig(name="fbcache"))["fbcache_threshold"] == 0.05
+
+
+NAMED = ["teacache", "teacache-slow", "fbcache", "deltadit", "deltadit-port", "pab246", "pab357", "pab579"]
+
+
+def test_generate_runs_and_reports_every_named_policy(tmp_path):
+    import json
+
+    from runner.generate import generate
+
+    for name in NAMED:
+        (rep,) = generate(make_cfg("prompt=a red circle moves left", f"output_dir={tmp_path / name}", "num_frames=4",
+                                   "height=16", "width=16", "sampler.num_steps=6", "progress=false", f"cache={name}"))
+        saved = json.loads(open(rep["output"][:-4] + ".json").read())["cache"]
+        assert saved["policy"] == ("pab" if name.startswith("pab") else name.split("-")[0]), name
+        assert len(saved["pattern"]) == 6 and saved["pattern"][0] == "C", name
+        assert 0 < saved["computed_fraction"] <= 1 and saved["bytes_held"] == 0 and saved["bytes_held_peak"] > 0, name
+
+
+def test_config_validation_of_the_peer_policies():
+    from runner.config import UserError, validate
+
+    for name, bad, msg in [("teacache", "cache.teacache_thresh=0", "teacache_thresh"),
+                           ("fbcache", "cache.fbcache_threshold=-1", "fbcache_threshold"),
+                           ("deltadit", "cache.deltadit_rule=faster", "deltadit_rule"),
+                           ("deltadit", "cache.deltadit_span=3", "both"),
+                           ("deltadit", "cache.deltadit_speedup=0.9", "deltadit_speedup"),
+                           ("pab246", "cache.pab_ranges=[2,4]", "pab_ranges"),
+                           ("pab246", "cache.pab_window=[930,450]", "pab_window"),
+                           ("none", "cache.name=fastercache", "pab246")]:
+        with pytest.raises(UserError, match=msg):
+            validate(make_cfg(f"cache={name}", "prompt=x", bad))
+    validate(make_cfg("cache=deltadit", "prompt=x", "cache.deltadit_interval=3", "cache.deltadit_span=20"))

@@ -54,6 +54,12 @@ def test_named_configs():
     p = make_cfg("cache=deltadit-port").cache
     assert (p.deltadit_rule, p.deltadit_port_steps, p.deltadit_port_layers, p.deltadit_port_gap) == ("port", [0, 5],
                                                                                                    [0, 5], 2)
+    port = DeltaDiT(p)
+    port.install(tiny_model(depth=4))  # the port's layers 0..5 on a 4-layer model: 0..3 (all 8 blocks)
+    assert (port.port_layers, port.span, port.interval) == ([0, 3], 8, 2)
+    with pytest.raises(ValueError, match="deltadit_port_layers"):
+        DeltaDiT(CacheConfig(name="deltadit", deltadit_rule="port", deltadit_port_layers=[4, 5])).install(
+            tiny_model(depth=4))
     with pytest.raises(ValueError, match="both"):
         DeltaDiT(CacheConfig(name="deltadit", deltadit_span=3))
     with pytest.raises(ValueError, match="fit"):

@@ -61,8 +61,11 @@ def test_named_configs():
                                                                         [676, 788, 864])
     with pytest.raises(ValueError, match="pab_ranges"):
         PAB(CacheConfig(name="pab", pab_ranges=[2, 0, 6]))
+    p = PAB(CacheConfig(name="pab"))
+    p.install(tiny_model(depth=2))  # Open-Sora's MLP layers 0-4 on a 2-layer model: 0 and 1, the rest reported
+    assert (p.mlp_layers, p.mlp_layers_absent) == ([0, 1], [2, 3, 4])
     with pytest.raises(ValueError, match="pab_mlp_blocks"):
-        PAB(CacheConfig(name="pab")).install(tiny_model(depth=2))  # layers 0-4 on a 2-layer model
+        PAB(CacheConfig(name="pab", pab_mlp_blocks=[-1])).install(tiny_model(depth=2))
 
 
 CFG = CacheConfig(name="pab", pab_mlp_blocks=[1])

@@ -9,6 +9,8 @@ all-to-alls, a reused stack skips every layout collective.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from runner.config import CacheConfig
 from tests.cache_util import FRAMES, SIZE, STEPS, inputs, run, sharded_run, tiny_model
 from tests.cache_util import one_thread  # noqa: F401 (autouse fixture)
 from tests.test_cache_pab import TABLE
-from tests.dist_util import run_dist
+from tests.dist_util import DistError, run_dist
 
 DEPTH = 2
 ADAPTIVE = {"teacache": CacheConfig(name="teacache", speed="fast"),
@@ -108,3 +110,23 @@ def test_scheduled_policies_collectives_under_dsp_sp2(name):
     if name == "deltadit":
         assert {tuple(s) for s in want_rep["spans"][:10]} == {(2, 4)} and {tuple(s) for s in want_rep["spans"][10:]} \
             == {(0, 2)}
+
+
+def _perturbed(rank, world_size, cache):
+    """rank 1 rescales TeaCache's distance differently: its decisions diverge from rank 0's."""
+    from runner.cache import teacache
+
+    if rank == 1:
+        real = teacache.poly
+        teacache.poly = lambda c, x: real(c, x) + 1.0
+    return sharded_run(rank, world_size, 2, 1, "dsp", cache)
+
+
+@pytest.mark.slow
+def test_verify_agreement_turns_a_teacache_divergence_into_an_error():
+    cache = dataclasses.replace(ADAPTIVE["teacache"], verify_agreement=True)
+    ok = run_dist(sharded_run, 2, 2, 1, "dsp", cache, timeout=90)
+    assert all(rep["agreement"]["verified"] for _, rep, _ in ok)
+    with pytest.raises(DistError, match="TeaCache decisions diverged at step 1") as e:
+        run_dist(_perturbed, 2, cache, timeout=90)
+    assert "CacheAgreementError" in str(e.value) and "timed out" not in str(e.value)

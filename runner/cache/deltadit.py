@@ -77,6 +77,7 @@ class DeltaDiT(BlocksStagePolicy):
             raise ValueError("set both cache.deltadit_interval (N) and cache.deltadit_span (N_c), or neither "
                              "(then they follow cache.deltadit_speedup)")
         self.seq: list = []
+        self.port_layers = None
         self.reset()
 
     def install(self, model) -> None:
@@ -89,10 +90,12 @@ class DeltaDiT(BlocksStagePolicy):
         c = self.cfg
         if c.deltadit_rule == "port":
             lo, hi = c.deltadit_port_layers
-            if not (0 <= lo <= hi < n_blocks // 2 and c.deltadit_port_gap >= 1):
+            if not (0 <= lo <= hi and lo < n_blocks // 2 and c.deltadit_port_gap >= 1):
                 raise ValueError(f"cache.deltadit_port_layers={list(c.deltadit_port_layers)} must be layers "
-                                 f"0 <= first <= last < {n_blocks // 2}, deltadit_port_gap >= 1")
-            return c.deltadit_port_gap, 2 * (hi - lo + 1)
+                                 f"0 <= first <= last with first < {n_blocks // 2}, deltadit_port_gap >= 1")
+            # Open-Sora's layers 0..5 on a shallower model (the demo has 4): up to its last layer (reported).
+            self.port_layers = [lo, min(hi, n_blocks // 2 - 1)]
+            return c.deltadit_port_gap, 2 * (self.port_layers[1] - lo + 1)
         n, nc = (c.deltadit_interval, c.deltadit_span) if c.deltadit_span is not None else budget(c.deltadit_speedup,
                                                                                                      n_blocks)
         if not (n >= 1 and 1 <= nc and c.deltadit_front_start >= 0 and c.deltadit_front_start + nc <= n_blocks):
@@ -115,7 +118,7 @@ class DeltaDiT(BlocksStagePolicy):
     def _plan(self, num_steps: int):
         c = self.cfg
         if c.deltadit_rule == "port":
-            return port_plan(num_steps, c.deltadit_port_steps, c.deltadit_port_layers, c.deltadit_port_gap)
+            return port_plan(num_steps, c.deltadit_port_steps, self.port_layers, c.deltadit_port_gap)
         self.b = c.deltadit_b if c.deltadit_b is not None else round(0.6 * num_steps)
         return paper_plan(num_steps, len(self.seq), self.interval, self.span, self.b, c.deltadit_front_start)
 
@@ -156,7 +159,7 @@ class DeltaDiT(BlocksStagePolicy):
         c = self.cfg
         rep.update({
             "rule": c.deltadit_rule, "n_blocks": len(self.seq), "interval": self.interval, "span": self.span,
-            "b": self.b, "negate": bool(c.deltadit_negate),
+            "b": self.b, "negate": bool(c.deltadit_negate), "port_layers": self.port_layers,
             "spans": [list(self.plan[k][0]) for k in steps],
             "blocks_run": self.blocks_run(),
             "bytes_kept": "fp32 offset h_out - h_in of the span",

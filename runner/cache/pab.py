@@ -100,15 +100,19 @@ class PAB(CachePolicy):
         self.cfg = cfg
         self._shadowed = []  # (block, attribute)
         self.depth = 0
+        self.mlp_layers: list[int] = []
+        self.mlp_layers_absent: list[int] = []
         self.reset()
 
     def install(self, model) -> None:
         super().install(model)
         self.depth = len(model.spatial_blocks)
-        bad = [i for i in self.cfg.pab_mlp_blocks if not 0 <= i < self.depth]
-        if bad:
+        if any(i < 0 for i in self.cfg.pab_mlp_blocks):
             self.model = None
-            raise ValueError(f"cache.pab_mlp_blocks has layers {bad} outside 0..{self.depth - 1}")
+            raise ValueError(f"cache.pab_mlp_blocks={list(self.cfg.pab_mlp_blocks)} has negative layers")
+        # Open-Sora's layers 0-4 on a shallower model (the demo has 4): the layers it has, the rest reported.
+        self.mlp_layers = [i for i in self.cfg.pab_mlp_blocks if i < self.depth]
+        self.mlp_layers_absent = [i for i in self.cfg.pab_mlp_blocks if i >= self.depth]
         for kind in ("spatial", "temporal"):
             for i, blk in enumerate(getattr(model, f"{kind}_blocks")):
                 for slot, (mod, tap) in SLOTS.items():
@@ -139,7 +143,7 @@ class PAB(CachePolicy):
         if kind == "cross":
             return [(b, i, "cross") for b in ("spatial", "temporal") for i in range(self.depth)]
         if kind == "mlp":
-            return [(b, i, "mlp") for b in ("spatial", "temporal") for i in self.cfg.pab_mlp_blocks]
+            return [(b, i, "mlp") for b in ("spatial", "temporal") for i in self.mlp_layers]
         return [(kind, i, "self") for i in range(self.depth)]
 
     def decide_compute(self, info) -> bool:
@@ -188,8 +192,8 @@ class PAB(CachePolicy):
         c = self.cfg
         rep.update({
             "ranges": dict(zip(ATTENTION, c.pab_ranges)), "window": list(c.pab_window),
-            "mlp": {"on": bool(c.pab_mlp), "keys": list(c.pab_mlp_keys), "layers": list(c.pab_mlp_blocks),
-                    "skip": c.pab_mlp_skip},
+            "mlp": {"on": bool(c.pab_mlp), "keys": list(c.pab_mlp_keys), "layers": self.mlp_layers,
+                    "layers_absent": self.mlp_layers_absent, "skip": c.pab_mlp_skip},
             "reuse_pattern": {x: "".join("R" if r else "C" for r in v) for x, v in self.kinds.items()},
             "bytes_held_peak": self._peak,
             "bytes_kept": "post-gate branch outputs of the broadcast modules (model dtype)",
