@@ -80,7 +80,8 @@ def test_reused_modules_are_not_called_and_add_their_stored_output():
     for kind in ("spatial", "temporal"):
         for i, blk in enumerate(getattr(model, f"{kind}_blocks")):
             for slot, mod in (("self", blk.attn), ("cross", blk.cross_attn), ("mlp", blk.mlp)):
-                mod.register_forward_pre_hook(lambda m, a, key=(kind, i, slot): calls.setdefault(key, []).append(step[0]))
+                mod.register_forward_pre_hook(
+                    lambda m, a, key=(kind, i, slot): calls.setdefault(key, []).append(step[0]))
     policy = PAB(CFG)
     policy.install(model)
     added = {}  # (key, step) -> the branch the block added
@@ -91,7 +92,8 @@ def test_reused_modules_are_not_called_and_add_their_stored_output():
                 blk.__dict__[tap] = lambda x, inner=inner, key=(kind, i, slot): added.setdefault(
                     (key, step[0]), inner(x))
     wrap = policy.wrap_model_fn
-    policy.wrap_model_fn = lambda fn: wrap(lambda z_in, t_in, info: step.__setitem__(0, info.index) or fn(z_in, t_in, info))
+    policy.wrap_model_fn = lambda fn: wrap(
+        lambda z_in, t_in, info: step.__setitem__(0, info.index) or fn(z_in, t_in, info))
     run(model, policy, z, y, mask, ts=[float(t) for t in TABLE])
     rep = policy.report()
     rows = _rows((2, 4, 6))

@@ -22,7 +22,8 @@ from runner.cache.fbcache import FBCache
 from runner.cache.pab import PAB
 from runner.cache.teacache import TeaCache
 
-POLICIES = {"none": NoCache, "adacache": AdaCache, "teacache": TeaCache, "fbcache": FBCache, "deltadit": DeltaDiT, "pab": PAB}
+POLICIES = {"none": NoCache, "adacache": AdaCache, "teacache": TeaCache, "fbcache": FBCache, "deltadit": DeltaDiT,
+            "pab": PAB}
 
 _installed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -61,5 +62,5 @@ def detach(model) -> None:
         entry[0].uninstall()
 
 
-__all__ = ["AdaCache", "CacheAgreementError", "CachePolicy", "Codebook", "DeltaDiT", "FBCache", "NoCache", "PAB", "TeaCache", "POLICIES", "attach",
-           "build_policy", "detach", "moreg_window", "policy_of", "select_codebook"]
+__all__ = ["AdaCache", "CacheAgreementError", "CachePolicy", "Codebook", "DeltaDiT", "FBCache", "NoCache", "PAB",
+           "POLICIES", "TeaCache", "attach", "build_policy", "detach", "moreg_window", "policy_of", "select_codebook"]

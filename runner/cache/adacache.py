@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from runner.cache.base import BlocksStagePolicy, CacheAgreementError, json_safe, tensor_bytes
+from runner.cache.base import (
+    BlocksStagePolicy, CacheAgreementError, add_residual, fp32_residual, json_safe, tensor_bytes,
+)
 from runner.cache.codebook import moreg_window, select_codebook
 from runner.cache.metric import MoRegParams, decide, site_sums
 
@@ -123,7 +125,7 @@ class AdaCache(BlocksStagePolicy):
     # -- the blocks stage ------------------------------------------------------------------------
     def run_stage(self, e):
         if not self.computed[self.index]:
-            return (e.x.float() + self._delta).to(e.x.dtype)
+            return add_residual(e.x, self._delta)
         self._cur = [None] * len(self.sites)
         self._collect = True
         try:
@@ -143,7 +145,7 @@ class AdaCache(BlocksStagePolicy):
             self._delta = self._prev = self._cur = None
             self.disarm()
         else:
-            self._delta = (x_out.float() - e.x.float()).detach()
+            self._delta = fp32_residual(x_out, e.x)
             if self._prev is not None:
                 self._decide(index, e.extras.get("s_mask"))
             self._prev, self._cur = self._cur, None
@@ -153,7 +155,8 @@ class AdaCache(BlocksStagePolicy):
     def _decide(self, index: int, s_mask) -> None:
         s = index + 1
         local = torch.cat([site_sums(p, c, s, self.moreg, s_mask) for p, c in zip(self._prev, self._cur)])
-        d, prev = decide(self.agree(local), index, self.rate, self.codebook, len(self.sites), self.moreg, self.moreg_prev)
+        d, prev = decide(self.agree(local), index, self.rate, self.codebook, len(self.sites), self.moreg,
+                         self.moreg_prev)
         self.verify(d.step, d.key(), lambda k: f"step {k[0]} rate_prev {k[1]} -> rate {k[2]} (c={k[3]})")
         self.decisions.append(d)
         self.rate, self.moreg_prev = d.rate, prev

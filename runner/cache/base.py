@@ -125,6 +125,16 @@ def run_blocks(blocks, e, x):
     return x
 
 
+def add_residual(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x + r for a cached fp32 residual r: added in fp32, rounded once to x's dtype."""
+    return (x.float() + r).to(x.dtype)
+
+
+def fp32_residual(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """out - x in fp32, detached: what a residual cache keeps."""
+    return (out.float() - x.float()).detach()
+
+
 def tensor_bytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -154,8 +164,8 @@ class AgreedPolicy(CachePolicy):
         keys = self.comm.all_gather_object(key, group="agree", tag="cache-verify")
         if any(k != keys[0] for k in keys):
             lines = "; ".join(f"agree rank {r}: {describe(k)}" for r, k in enumerate(keys))
-            raise CacheAgreementError(f"{type(self).__name__} decisions diverged at step {step} across the agreement group "
-                                      f"({lines}); the ranks would run different collectives and hang")
+            raise CacheAgreementError(f"{type(self).__name__} decisions diverged at step {step} across the agreement "
+                                      f"group ({lines}); the ranks would run different collectives and hang")
 
     def agreement_report(self) -> dict:
         return {"group": "agree", "size": 1 if self.comm is None else self.comm.size("agree"),

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-from runner.cache.base import BlocksStagePolicy, block_sequence, run_blocks, tensor_bytes
+from runner.cache.base import BlocksStagePolicy, add_residual, block_sequence, run_blocks, tensor_bytes
 
 RULES = ("paper", "port")
 
@@ -133,7 +133,7 @@ class DeltaDiT(BlocksStagePolicy):
             d = (h_in.float() - x.float()) if self.cfg.deltadit_negate else (x.float() - h_in.float())
             self._delta = d.detach() if needed else None
         else:
-            x = (x.float() + self._delta).to(x.dtype)
+            x = add_residual(x, self._delta)
         x = run_blocks(self.seq[hi:], e, x)
         self.note_memory()
         if k == self.num_steps - 1:

@@ -18,7 +18,7 @@ layer 0's collectives (DSP: the two all-to-alls of its spatial attention), as ev
 
 from __future__ import annotations
 
-from runner.cache.base import BlocksStagePolicy, block_sequence, run_blocks, tensor_bytes
+from runner.cache.base import BlocksStagePolicy, add_residual, block_sequence, fp32_residual, run_blocks, tensor_bytes
 from runner.cache.metric import l1_sums
 
 
@@ -62,9 +62,9 @@ class FBCache(BlocksStagePolicy):
         if compute:
             out = run_blocks(self.blocks[2:], e, h1)
             if not last:
-                self._tail, self._ref = (out.float() - h1.float()).detach(), r1
+                self._tail, self._ref = fp32_residual(out, h1), r1
         else:
-            out = (h1.float() + self._tail).to(h1.dtype)
+            out = add_residual(h1, self._tail)
         self.note_memory()
         if last:
             self._tail = self._ref = None
@@ -78,7 +78,8 @@ class FBCache(BlocksStagePolicy):
         rep = super().report()
         rep.update({
             "threshold": self.threshold,
-            "decisions": [{"step": k, "rel_l1": v, "reused": not self.computed[k]} for k, v in sorted(self.values.items())],
+            "decisions": [{"step": k, "rel_l1": v, "reused": not self.computed[k]}
+                          for k, v in sorted(self.values.items())],
             "bytes_kept": "fp32 tail residual (layers 1..) + layer 0's residual of the last computed step",
             "agreement": self.agreement_report(),
         })

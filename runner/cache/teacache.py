@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from models.layers import modulate
-from runner.cache.base import BlocksStagePolicy, tensor_bytes
+from runner.cache.base import BlocksStagePolicy, add_residual, fp32_residual, tensor_bytes
 from runner.cache.metric import l1_sums
 
 # Open-Sora 1.2's rescaling polynomial (TeaCache eval/teacache/experiments/opensora.py), highest power first.
@@ -110,9 +110,9 @@ class TeaCache(BlocksStagePolicy):
         self._prev_inp = None if last else inp.detach()
         if compute:
             x_out = self._orig_blocks(e)
-            self._residual = None if last else (x_out.float() - e.x.float()).detach()
+            self._residual = None if last else fp32_residual(x_out, e.x)
         else:
-            x_out = (e.x.float() + self._residual).to(e.x.dtype)
+            x_out = add_residual(e.x, self._residual)
         self.note_memory()
         if last:
             self.disarm()
