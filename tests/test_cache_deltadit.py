@@ -4,7 +4,6 @@ are input-independent (x + c), with exactly the configured blocks skipped."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
