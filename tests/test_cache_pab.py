@@ -52,6 +52,8 @@ def test_pab246_as_the_reference_states_it():
 
 def test_mlp_keys_exist_for_that_shape_only():
     assert _rows((2, 4, 6), timesteps(30))["mlp"] == []  # a linear schedule never hits 676/788/864
+    # 720p 4 s meets one key by chance (788 at step 22): 2 reused steps instead of 6
+    assert _rows((2, 4, 6), make_timesteps(SamplerSettings(num_steps=30), 720, 1280, 102))["mlp"] == [23, 24]
 
 
 def test_named_configs():

@@ -130,3 +130,18 @@ def test_verify_agreement_turns_a_teacache_divergence_into_an_error():
     with pytest.raises(DistError, match="TeaCache decisions diverged at step 1") as e:
         run_dist(_perturbed, 2, cache, timeout=90)
     assert "CacheAgreementError" in str(e.value) and "timed out" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_pab_under_ulysses_skips_the_reused_attentions_all_to_alls():
+    cache = SCHEDULED["pab246"]
+    want, want_rep = _single(cache, PAB_TS)
+    for full, rep, per_step in run_dist(sharded_run, 2, 2, 1, "ulysses", cache, PAB_TS, timeout=90):
+        torch.testing.assert_close(full, want, rtol=1e-4, atol=1e-4)
+        pat = rep["reuse_pattern"]
+        for step in range(STEPS):
+            # per spatial block: q/k/v in + out around self-attention, q in + out around cross-attention
+            a2a = 2 * DEPTH * ((pat["spatial"][step] == "C") + (pat["cross"][step] == "C"))
+            ops = {op: v["count"] for op, v in per_step[str(step)].items()}
+            assert ops == ({"all_to_all": a2a} if a2a else {}), step
+        assert "R" in pat["cross"] and pat["cross"] != pat["spatial"]

@@ -6,7 +6,8 @@ module's call counter, one per step, from 0) the stored output is reused iff lo 
 and k % r_X != 0; otherwise the module computes and its output is stored. MLP broadcast: at a step
 whose int(t) is one of the keys, the listed layers' MLPs (both block kinds) compute and store; the
 next `pab_mlp_skip` steps reuse. t is the step's timestep rounded to bf16, as VideoSys compares it
-(so the Open-Sora keys 676, 788, 864 exist for 480p 2 s, 30 steps, only); the decision is a host
+(the Open-Sora keys 676, 788, 864 are 480p 2 s timesteps at 30 steps; other shapes meet them only
+by chance, e.g. 720p 4 s meets 788 once); the decision is a host
 function of the sampler's step index and timestep: no device sync, no agreement traffic.
 
 What is stored is the branch as it is added to the residual stream, after the gate (VideoSys):
@@ -16,6 +17,10 @@ tap (`attn_delta`, ...) are shadowed by callables; the modules themselves stay i
 (state-dict names unchanged). A reused module is not called, so a layout's hooks on it (DSP's
 all-to-alls around spatial attention, Ulysses' around its kernels) do not run either. A reused
 branch still computes its (cheap) norm and modulation, which are the module's argument.
+
+Report: `pattern` has C for a step that reused nothing, R for one that reused some module;
+`reuse_pattern` per kind; `computed_fraction` counts module calls (3 per block: self-attention,
+cross-attention, MLP).
 """
 
 from __future__ import annotations
