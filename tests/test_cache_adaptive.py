@@ -35,6 +35,9 @@ def test_teacache_accumulation_first_and_last_computed():
     got = [rule.step(k, len(rels), r)[0] for k, r in enumerate(rels)]
     # acc: .04 R, .08 R, .12 C(reset), .09 R, .11 C, .5 C, .01 R, last forced C
     assert got == [True, False, False, True, False, True, True, False, True]
+    # an undefined distance (|F_prev| = 0) computes, even under a polynomial that would send it to -inf
+    rule = Accumulator(0.1, (-1.0, 0.0))
+    assert [rule.step(k, 4, float("inf") if 0 < k < 3 else None)[0] for k in range(4)] == [True] * 4
     # the Open-Sora polynomial: rel 0 still adds poly(0) = 0.0484, so delta 0.1 allows at most two
     # reuses in a row (0.0969 < 0.1 <= 0.1453)
     rule = Accumulator(0.1, OPENSORA_COEFFICIENTS)

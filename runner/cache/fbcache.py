@@ -18,7 +18,9 @@ layer 0's collectives (DSP: the two all-to-alls of its spatial attention), as ev
 
 from __future__ import annotations
 
-from runner.cache.base import BlocksStagePolicy, add_residual, block_sequence, fp32_residual, run_blocks, tensor_bytes
+from runner.cache.base import (
+    BlocksStagePolicy, add_residual, block_sequence, fp32_residual, json_safe, run_blocks, tensor_bytes,
+)
 from runner.cache.metric import l1_sums
 
 
@@ -78,7 +80,7 @@ class FBCache(BlocksStagePolicy):
         rep = super().report()
         rep.update({
             "threshold": self.threshold,
-            "decisions": [{"step": k, "rel_l1": v, "reused": not self.computed[k]}
+            "decisions": [json_safe({"step": k, "rel_l1": v, "reused": not self.computed[k]})
                           for k, v in sorted(self.values.items())],
             "bytes_kept": "fp32 tail residual (layers 1..) + layer 0's residual of the last computed step",
             "agreement": self.agreement_report(),

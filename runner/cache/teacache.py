@@ -22,10 +22,12 @@ modulation of the embedded shard per step.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from models.layers import modulate
-from runner.cache.base import BlocksStagePolicy, add_residual, fp32_residual, tensor_bytes
+from runner.cache.base import BlocksStagePolicy, add_residual, fp32_residual, json_safe, tensor_bytes
 from runner.cache.metric import l1_sums
 
 # Open-Sora 1.2's rescaling polynomial (TeaCache eval/teacache/experiments/opensora.py), highest power first.
@@ -63,7 +65,8 @@ class Accumulator:
         else:
             rescaled = poly(self.coefficients, rel)
             self.acc += rescaled
-            compute = not self.acc < self.delta
+            # an undefined distance (|F_prev| = 0: rel = inf) or a non-finite rescaling computes
+            compute = not (math.isfinite(self.acc) and self.acc < self.delta)
         if compute:
             self.acc = 0.0
         return compute, rescaled
@@ -125,7 +128,7 @@ class TeaCache(BlocksStagePolicy):
         rep = super().report()
         rep.update({
             "delta": self.delta, "coefficients": list(self.coefficients),
-            "decisions": [{"step": k, **v} for k, v in sorted(self.values.items())],
+            "decisions": [json_safe({"step": k, **v}) for k, v in sorted(self.values.items())],
             "bytes_kept": "fp32 whole-stack residual + block 0's modulated input of the previous step",
             "agreement": self.agreement_report(),
         })
