@@ -1,8 +1,12 @@
-"""Cache policies on this CPU with the default model: DiT time, total time, computed steps, and
+"""Cache policies on this CPU with the default model: DiT time, total time, computed fraction, and
 PSNR/SSIM of every video against the uncached one with the same seed.
 
     python bench/cache_bench.py                        # model=demo, 30 steps, 4 held-out captions
     python bench/cache_bench.py --weights PATH --prompts 8 --repeats 3 [hydra overrides...]
+    python bench/cache_bench.py --policies none teacache pab246 --prompts 1 --repeats 1
+
+Computed fraction: of the block stack's work (whole-stack policies: computed steps / steps;
+Delta-DiT: block calls; PAB: attention and MLP module calls), per the policy's report.
 
 Weights: --weights, else assets/demo when the trained demo model is there, else random weights
 (said in the output; with random weights the temporal branches are initialised to zero, so the
@@ -34,7 +38,8 @@ from runner.generate import generate_one, prompt_seed  # noqa: E402
 from runner.pipeline import build_pipeline  # noqa: E402
 from runner.video import to_uint8  # noqa: E402
 
-POLICIES = ("none", "adacache", "adacache-slow", "adacache-moreg")
+POLICIES = ("none", "adacache", "adacache-slow", "adacache-moreg", "deltadit", "deltadit-port", "pab246", "pab357",
+            "pab579", "teacache-slow", "teacache", "fbcache")
 
 
 class DiTTimer:
@@ -66,7 +71,8 @@ def bench(args) -> dict:
     prompts = HELDOUT_CAPTIONS[: args.prompts]
     dit = {n: [[] for _ in prompts] for n in args.policies}
     total = {n: [[] for _ in prompts] for n in args.policies}
-    computed, videos, reports = {n: [] for n in args.policies}, {n: [] for n in args.policies}, {}
+    computed, fraction = {n: [] for n in args.policies}, {n: [] for n in args.policies}
+    videos, reports = {n: [] for n in args.policies}, {}
     for r in range(args.repeats):
         for name, cfg in cfgs.items():
             for i, prompt in enumerate(prompts):
@@ -78,12 +84,14 @@ def bench(args) -> dict:
                 if r == 0:
                     rep = policy_of(pipe.dit).report()
                     computed[name].append(rep["num_computed"])
+                    fraction[name].append(rep["computed_fraction"])
                     videos[name].append(to_uint8(video))
                     reports.setdefault(name, rep)
     rows = {}
     ref = videos.get("none")
     for name in args.policies:
         row = {
+            "computed_fraction": float(np.mean(fraction[name])),
             "computed_steps_mean": float(np.mean(computed[name])),
             "computed_steps": computed[name],
             "dit_s": float(np.mean([min(v) for v in dit[name]])),
@@ -112,10 +120,11 @@ def table(res: dict) -> str:
         tx = base["total_s"] / r["total_s"] if base else float("nan")
         psnr = "-" if name == "none" else f"{r.get('psnr_db', float('nan')):.2f}"
         ssim = "-" if name == "none" else f"{r.get('ssim', float('nan')):.4f}"
-        lines.append(f"{name:<16}{r['computed_steps_mean']:>10.2f}{r['dit_s']:>9.3f}{dx:>7.2f}{r['total_s']:>9.3f}"
+        lines.append(f"{name:<16}{r['computed_fraction']:>10.3f}{r['dit_s']:>9.3f}{dx:>7.2f}{r['total_s']:>9.3f}"
                      f"{tx:>7.2f}{psnr:>9}{ssim:>8}{r['bytes_held_peak'] / 1024:>10.0f}")
     for name, r in res["rows"].items():
-        lines.append(f"  {name}: computed per prompt {r['computed_steps']}, first prompt {r['pattern_first_prompt']}"
+        lines.append(f"  {name}: fully computed steps per prompt {r['computed_steps']}, first prompt "
+                     f"{r['pattern_first_prompt']}"
                      + (f", codebook: {r['codebook']}" if "codebook" in r else ""))
     return "\n".join(lines)
 

@@ -74,11 +74,12 @@ class ParallelSettings:
 
 @dataclass
 class CacheConfig:
-    """Feature caching (runner/cache): conf/cache/{none,adacache,adacache-slow,adacache-moreg}.yaml."""
+    """Feature caching (runner/cache): conf/cache/*.yaml (none, adacache, adacache-slow, adacache-moreg,
+    teacache, teacache-slow, fbcache, deltadit, deltadit-port, pab246, pab357, pab579)."""
 
-    # none | adacache
+    # none | adacache | teacache | fbcache | deltadit | pab
     name: str = "none"
-    # Which published AdaCache codebook: fast | slow.
+    # fast | slow: which published AdaCache codebook; for TeaCache the threshold delta (0.2 | 0.1).
     speed: str = "fast"
     # Use the published codebook of this many steps (30 or 100); null: the one of sampler.num_steps,
     # or the nearest published step count (reported as approximate).
@@ -102,8 +103,52 @@ class CacheConfig:
     mograd_mul: float = 10.0
     # false: the "MoReg without gradient" ablation.
     moreg_grad: bool = True
-    # Debug: gather every rank's decision each computed step and fail loudly on any mismatch.
+    # Debug: gather every rank's decision each computed step and fail loudly on any mismatch
+    # (the content-adaptive policies: adacache, teacache, fbcache).
     verify_agreement: bool = False
+
+    # -- TeaCache: accumulated rescaled relative L1 of block 0's modulated input against delta.
+    # delta; null: 0.1 for speed=slow, 0.2 for speed=fast (the published Open-Sora settings).
+    teacache_thresh: Optional[float] = None
+    # The rescaling polynomial, highest power first (default: the published Open-Sora 1.2 fit).
+    teacache_coefficients: List[float] = field(default_factory=lambda: [
+        2.17546007e+02, -1.18329252e+02, 2.68662585e+01, -4.59364272e-02, 4.84426240e-02])
+
+    # -- First-Block-Cache: reuse the tail residual while layer 0's residual changes less than this
+    # (relative L1 against the last computed step; diffusers' default 0.05).
+    fbcache_threshold: float = 0.05
+
+    # -- Delta-DiT: Delta-Cache of a contiguous span of blocks (counted over both kinds: 56 for
+    # Open-Sora, spatial 0, temporal 0, spatial 1, ...).
+    # paper: rear span during the first b steps, front span after, refresh every N steps and at the
+    # switch. port: the PAB authors' Open-Sora port (deltadit_port_*).
+    deltadit_rule: str = "paper"
+    # Target speed-up over block MACs; gives N = ceil(s) and N_c = ceil(N/(N-1) (N_b - N_b/s)).
+    deltadit_speedup: float = 1.6
+    # N (refresh period) and N_c (span length in blocks) directly; both or neither (then the speed-up).
+    deltadit_interval: Optional[int] = None
+    deltadit_span: Optional[int] = None
+    # Outline-stage steps that use the rear span; null: round(0.6 * steps) (the paper's 12 of 20).
+    deltadit_b: Optional[int] = None
+    # I_front, the first block of the front span (the rear span ends at the last block).
+    deltadit_front_start: int = 0
+    # port: steps [first, last] in which every gap-th step (counted from first, 1-based) skips the
+    # ST-layers [first, last] (both kinds of block); all other steps refresh.
+    deltadit_port_steps: List[int] = field(default_factory=lambda: [0, 5])
+    deltadit_port_layers: List[int] = field(default_factory=lambda: [0, 5])
+    deltadit_port_gap: int = 2
+    # Add h_in - h_out instead of h_out - h_in: the port's sign (a likely bug), to reproduce its numbers.
+    deltadit_negate: bool = False
+
+    # -- PAB (pyramid attention broadcast): reuse an attention output while lo < t < hi (bf16 t,
+    # strict) and step % range != 0; ranges for spatial, temporal, cross (PAB246: 2, 4, 6).
+    pab_ranges: List[int] = field(default_factory=lambda: [2, 4, 6])
+    pab_window: List[float] = field(default_factory=lambda: [450.0, 930.0])
+    # MLP broadcast: at int(t) in keys the listed layers' MLPs (both kinds) store, the next `skip` steps reuse.
+    pab_mlp: bool = True
+    pab_mlp_keys: List[int] = field(default_factory=lambda: [676, 788, 864])
+    pab_mlp_blocks: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    pab_mlp_skip: int = 2
 
 
 @dataclass
@@ -239,8 +284,13 @@ def validate(cfg: Config) -> None:
 def cache_problems(c: CacheConfig) -> list[str]:
     """What is wrong with the cache settings (empty when nothing)."""
     out = []
-    if c.name not in ("none", "adacache"):
-        out.append(f"cache.name={c.name!r} is not known; use cache=none, cache=adacache, cache=adacache-slow or cache=adacache-moreg")
+    from runner.cache import POLICIES
+    from runner.cache.deltadit import RULES
+
+    if c.name not in POLICIES:
+        out.append(f"cache.name={c.name!r} is not known; use one of {', '.join(POLICIES)} (named configs: cache=none, "
+                   "adacache, adacache-slow, adacache-moreg, teacache, teacache-slow, fbcache, deltadit, "
+                   "deltadit-port, pab246, pab357, pab579)")
     if c.speed not in ("fast", "slow"):
         out.append(f"cache.speed={c.speed!r} is not known; use fast or slow")
     if c.cache_res not in ("t-attn", "s-attn", "ca-mlp"):
@@ -263,4 +313,19 @@ def cache_problems(c: CacheConfig) -> list[str]:
         out.append("cache.moreg_strides must be a non-empty list of frame strides >= 1")
     if c.cache_loc is not None and (not c.cache_loc or min(c.cache_loc) < 0):
         out.append("cache.cache_loc must be null or a non-empty list of layer indices >= 0")
+    if c.teacache_thresh is not None and not c.teacache_thresh > 0:
+        out.append(f"cache.teacache_thresh={c.teacache_thresh} must be > 0 (or null: 0.1 slow, 0.2 fast)")
+    if not c.fbcache_threshold > 0:
+        out.append(f"cache.fbcache_threshold={c.fbcache_threshold} must be > 0")
+    if c.deltadit_rule not in RULES:
+        out.append(f"cache.deltadit_rule={c.deltadit_rule!r} is not known; use {' or '.join(RULES)}")
+    if (c.deltadit_interval is None) != (c.deltadit_span is None):
+        out.append("set both cache.deltadit_interval (N) and cache.deltadit_span (N_c), or neither (then "
+                   "cache.deltadit_speedup gives them)")
+    elif c.deltadit_span is None and not c.deltadit_speedup > 1:
+        out.append(f"cache.deltadit_speedup={c.deltadit_speedup} must be > 1")
+    if len(c.pab_ranges) != 3 or min(c.pab_ranges, default=0) < 1:
+        out.append(f"cache.pab_ranges={list(c.pab_ranges)} must be 3 ranges >= 1 (spatial, temporal, cross)")
+    if len(c.pab_window) != 2 or not c.pab_window[0] < c.pab_window[1]:
+        out.append(f"cache.pab_window={list(c.pab_window)} must be [low, high] timesteps with low < high")
     return out

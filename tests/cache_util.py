@@ -5,13 +5,14 @@ and a sampling run with a policy."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from models.stdit3 import build_stdit3, get_config
 from runner.config import CacheConfig
-from runner.sampler import SamplerSettings, sample
+from runner.sampler import SamplerSettings, guidance, sample
 
 STEPS = 30
 
@@ -43,16 +44,58 @@ def timesteps(n: int = STEPS) -> list[float]:
 
 
 @torch.no_grad()
-def run(model, policy, z, y, mask, n: int = STEPS, cfg_combine=None, batch_slice=None):
-    """Sample n steps with policy (None: no cache). batch_slice: which CFG half this rank computes."""
+def run(model, policy, z, y, mask, n: int = STEPS, cfg_combine=None, batch_slice=None, ts=None):
+    """Sample n steps with policy (None: no cache). batch_slice: which CFG half this rank computes.
+    ts: the timesteps (default: linear from 1000)."""
 
     def model_fn(z_in, t_in, info):
         yy = y if batch_slice is None else y[batch_slice]
         return model(z_in, t_in, yy, mask)
 
     fn = model_fn if policy is None else policy.wrap_model_fn(model_fn)
-    return sample(fn, z, SamplerSettings(num_steps=n, use_timestep_transform=False), timesteps(n), 4,
+    return sample(fn, z, SamplerSettings(num_steps=n, use_timestep_transform=False), ts or timesteps(n), 4,
                   cfg_combine=cfg_combine)
+
+
+FRAMES, SIZE = 5, 10  # latent 5 x 10 x 10: 5 patch rows and 5 token frames, uneven for p = 2, 3, 4
+
+
+@torch.no_grad()
+def sharded_run(rank, world_size, sp, cfg_size, layout, cache: CacheConfig, ts=None, depth: int = 2):
+    """One cached generation on a gloo mesh (cfg x sp) under a sequence-parallel layout, the policy
+    installed outside it: (assembled output, policy report, collectives per step)."""
+    from parallel.comm import Comm
+    from parallel.layouts import parallelize
+    from parallel.mesh import ParallelConfig, init_mesh
+    from runner.cache import build_policy
+
+    mesh = init_mesh(ParallelConfig(cfg=cfg_size, sp=sp, timeout_s=30))
+    comm = Comm(mesh)
+    model = tiny_model(depth=depth)
+    z, y, mask = inputs(frames=FRAMES, size=SIZE)
+    par = parallelize(model, mesh, comm, layout)  # the layout first, the cache outside it
+    policy = build_policy(cache, comm)
+    policy.install(model)
+    shard = par.shard(z.shape)
+    zb = shard.slice(z).clone()
+    yy, cfg_combine = y, None
+    if cfg_size == 2:
+        yy = y[mesh.cfg_rank:mesh.cfg_rank + 1]
+
+        def cfg_combine(v):
+            return guidance(*comm.all_gather(v.contiguous(), "cfg", dim=0, tag="cfg").chunk(2), 7.0)
+
+    def model_fn(z_in, t_in, info):
+        comm.log.set_step(info.index)
+        return model(z_in, t_in, yy, mask, height=SIZE, width=SIZE, rows=shard.rows)  # the whole video's size
+
+    out = sample(policy.wrap_model_fn(model_fn), zb, SamplerSettings(num_steps=STEPS, use_timestep_transform=False),
+                 ts or timesteps(), 4, cfg_combine=cfg_combine)
+    comm.log.set_step(None)
+    full = shard.assemble(out, comm)
+    per_step = json.loads(json.dumps(comm.log.per_step()))
+    mesh.destroy()
+    return full, policy.report(), per_step
 
 
 @pytest.fixture(autouse=True)

@@ -9,54 +9,21 @@ Needs parallel.layouts (the sequence-parallel issue); skipped where it is not th
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from parallel.comm import Comm
-from parallel.mesh import ParallelConfig, init_mesh
 from runner.cache import AdaCache
-from runner.sampler import SamplerSettings, guidance, sample
-from tests.cache_util import STEPS, cache_cfg, inputs, run, timesteps, tiny_model
+from tests.cache_util import FRAMES, SIZE, STEPS, cache_cfg, inputs, run, sharded_run, tiny_model
 from tests.cache_util import one_thread  # noqa: F401 (autouse fixture)
 from tests.dist_util import run_dist
 
 layouts = pytest.importorskip("parallel.layouts")
 
-FRAMES, SIZE = 5, 10  # latent 5 x 10 x 10: 5 patch rows and 5 token frames, uneven for p = 2, 3, 4
 KW = {"moreg": True}  # the default recipe with MoReg: both partial-sum kinds cross the ranks
 
 
-@torch.no_grad()
 def _ranked(rank, world_size, sp, cfg_size, layout, kw):
-    mesh = init_mesh(ParallelConfig(cfg=cfg_size, sp=sp, timeout_s=30))
-    comm = Comm(mesh)
-    model = tiny_model()
-    z, y, mask = inputs(frames=FRAMES, size=SIZE)
-    par = layouts.parallelize(model, mesh, comm, layout)  # the layout first, the cache outside it
-    policy = AdaCache(cache_cfg(**kw), comm)
-    policy.install(model)
-    shard = par.shard(z.shape)
-    zb = shard.slice(z).clone()
-    yy, cfg_combine = y, None
-    if cfg_size == 2:
-        yy = y[mesh.cfg_rank:mesh.cfg_rank + 1]
-
-        def cfg_combine(v):
-            return guidance(*comm.all_gather(v.contiguous(), "cfg", dim=0, tag="cfg").chunk(2), 7.0)
-
-    def model_fn(z_in, t_in, info):
-        comm.log.set_step(info.index)
-        return model(z_in, t_in, yy, mask, height=SIZE, width=SIZE, rows=shard.rows)  # the whole video's size
-
-    out = sample(policy.wrap_model_fn(model_fn), zb, SamplerSettings(num_steps=STEPS, use_timestep_transform=False),
-                 timesteps(), 4, cfg_combine=cfg_combine)
-    comm.log.set_step(None)
-    full = shard.assemble(out, comm)
-    per_step = json.loads(json.dumps(comm.log.per_step()))
-    mesh.destroy()
-    return full, policy.report(), per_step
+    return sharded_run(rank, world_size, sp, cfg_size, layout, cache_cfg(**kw))
 
 
 def _single(kw):

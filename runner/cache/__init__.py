@@ -1,4 +1,6 @@
-"""Cache policies (issue 4): `cache=none` (default), `adacache`, `adacache-slow`, `adacache-moreg`.
+"""Cache policies: `cache=none` (default), `adacache`, `adacache-slow`, `adacache-moreg` (issue 4);
+`teacache`, `teacache-slow`, `fbcache` (content adaptive, rank-agreed), `deltadit`, `deltadit-port`,
+`pab246`, `pab357`, `pab579` (schedule based, no agreement traffic) (issue 5).
 
     policy = attach(pipe.dit, cfg.cache, comm)   # build + install once (after the parallel layout)
     policy.reset()                               # per generation (begin_step(index 0) also resets)
@@ -12,11 +14,16 @@ from __future__ import annotations
 import copy
 import weakref
 
-from runner.cache.adacache import AdaCache, CacheAgreementError
-from runner.cache.base import CachePolicy, NoCache
+from runner.cache.adacache import AdaCache
+from runner.cache.base import CacheAgreementError, CachePolicy, NoCache
 from runner.cache.codebook import Codebook, moreg_window, select_codebook
+from runner.cache.deltadit import DeltaDiT
+from runner.cache.fbcache import FBCache
+from runner.cache.pab import PAB
+from runner.cache.teacache import TeaCache
 
-POLICIES = {"none": NoCache, "adacache": AdaCache}
+POLICIES = {"none": NoCache, "adacache": AdaCache, "teacache": TeaCache, "fbcache": FBCache, "deltadit": DeltaDiT,
+            "pab": PAB}
 
 _installed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -55,5 +62,5 @@ def detach(model) -> None:
         entry[0].uninstall()
 
 
-__all__ = ["AdaCache", "CacheAgreementError", "CachePolicy", "Codebook", "NoCache", "POLICIES", "attach",
-           "build_policy", "detach", "moreg_window", "policy_of", "select_codebook"]
+__all__ = ["AdaCache", "CacheAgreementError", "CachePolicy", "Codebook", "DeltaDiT", "FBCache", "NoCache", "PAB",
+           "POLICIES", "TeaCache", "attach", "build_policy", "detach", "moreg_window", "policy_of", "select_codebook"]

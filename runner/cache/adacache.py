@@ -28,43 +28,38 @@ from __future__ import annotations
 
 import torch
 
-from runner.cache.base import CachePolicy, json_safe
+from runner.cache.base import (
+    BlocksStagePolicy, CacheAgreementError, add_residual, fp32_residual, json_safe, tensor_bytes,
+)
 from runner.cache.codebook import moreg_window, select_codebook
 from runner.cache.metric import MoRegParams, decide, site_sums
 
 RESIDUALS = ("t-attn", "s-attn", "ca-mlp")
 
 
-class CacheAgreementError(RuntimeError):
-    """Ranks of one agreement group reached different cache decisions."""
+__all__ = ["AdaCache", "CacheAgreementError", "RESIDUALS"]
 
 
-class AdaCache(CachePolicy):
+class AdaCache(BlocksStagePolicy):
     name = "adacache"
 
     def __init__(self, cfg, comm=None) -> None:
-        super().__init__()
         if cfg.cache_res not in RESIDUALS:
             raise ValueError(f"cache.cache_res={cfg.cache_res!r} is not known; use one of {', '.join(RESIDUALS)}")
-        self.cfg = cfg
-        self.comm = comm
-        self._orig_blocks = None
-        self._had_instance_blocks = False
+        super().__init__(cfg, comm)
         self._hooks = []
         self.sites: list[str] = []
         self.layers: list[int] = []
-        self._active = False
         self.reset()
 
     # -- installation ----------------------------------------------------------------------------
     def install(self, model) -> None:
-        super().install(model)
         depth = len(model.temporal_blocks)
         layers = list(self.cfg.cache_loc) if self.cfg.cache_loc else [max(depth // 2 - 1, 0)]
         bad = [i for i in layers if not 0 <= i < depth]
         if bad:
-            self.model = None
             raise ValueError(f"cache.cache_loc={layers} has layers outside 0..{depth - 1} (the model has {depth} layers)")
+        super().install(model)
         self.layers = layers
         taps = []  # per site: the tap modules whose outputs add up to the site's residual
         for i in layers:
@@ -81,23 +76,12 @@ class AdaCache(CachePolicy):
         for k, site in enumerate(taps):
             for _, mod in site:
                 self._hooks.append(mod.register_forward_hook(self._make_hook(k)))
-        self._had_instance_blocks = "blocks" in model.__dict__
-        self._orig_blocks = model.blocks
-        model.blocks = self._blocks
         self.reset()
 
     def uninstall(self) -> None:
-        if self.model is None:
-            return
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        if self._had_instance_blocks:
-            self.model.blocks = self._orig_blocks
-        else:
-            del self.model.blocks
-        self._orig_blocks = None
-        self.reset()
         super().uninstall()
 
     def _make_hook(self, k: int):
@@ -117,14 +101,10 @@ class AdaCache(CachePolicy):
         self.moreg = None
         self.moreg_prev: list[float] = []
         self.decisions = []
-        self.all_reduces = 0
         self._delta = None  # fp32 x_out - x_in of the blocks stage
         self._prev = None  # metric residual per site
         self._cur = None
         self._collect = False
-        self._calls = 0
-        self._active = False
-        self._peak = 0
 
     def _configure(self, num_steps: int) -> None:
         c = self.cfg
@@ -136,25 +116,16 @@ class AdaCache(CachePolicy):
         self.moreg_prev = [1.0] * len(self.sites)
 
     def decide_compute(self, info) -> bool:
+        self.arm()
         if info.index == 0:
-            if self.model is None:
-                raise RuntimeError("AdaCache.begin_step before install(model)")
             self._configure(info.num_steps)
         n, s = info.num_steps, info.index + 1
-        self._calls = 0
-        self._active = True
         return s == self.last + self.rate or s in (1, n - 1, n)
 
     # -- the blocks stage ------------------------------------------------------------------------
-    def _blocks(self, e):
-        if not self._active:  # outside a generation (no step announced): plain model
-            return self._orig_blocks(e)
-        if self._calls:
-            raise RuntimeError(f"AdaCache: the DiT was called twice in step {self.index}; the sampler must make "
-                               "one model call per step (announce each step with begin_step)")
-        self._calls += 1
+    def run_stage(self, e):
         if not self.computed[self.index]:
-            return (e.x.float() + self._delta).to(e.x.dtype)
+            return add_residual(e.x, self._delta)
         self._cur = [None] * len(self.sites)
         self._collect = True
         try:
@@ -172,39 +143,27 @@ class AdaCache(CachePolicy):
             raise RuntimeError(f"AdaCache: no residual seen at {self.sites}; was the model's block stage replaced?")
         if final:  # nothing after this step can use a decision or a cache: free everything
             self._delta = self._prev = self._cur = None
-            self._active = False
+            self.disarm()
         else:
-            self._delta = (x_out.float() - e.x.float()).detach()
+            self._delta = fp32_residual(x_out, e.x)
             if self._prev is not None:
                 self._decide(index, e.extras.get("s_mask"))
             self._prev, self._cur = self._cur, None
-            self._peak = max(self._peak, self.bytes_held())
+            self.note_memory()
         self.last = s
 
     def _decide(self, index: int, s_mask) -> None:
         s = index + 1
         local = torch.cat([site_sums(p, c, s, self.moreg, s_mask) for p, c in zip(self._prev, self._cur)])
-        if self.comm is not None:
-            self.comm.all_reduce(local, group="agree", op="sum", tag="cache-decision")
-        self.all_reduces += 1
-        d, prev = decide(local.tolist(), index, self.rate, self.codebook, len(self.sites), self.moreg, self.moreg_prev)
-        if self.cfg.verify_agreement and self.comm is not None:
-            self._verify(d)
+        d, prev = decide(self.agree(local), index, self.rate, self.codebook, len(self.sites), self.moreg,
+                         self.moreg_prev)
+        self.verify(d.step, d.key(), lambda k: f"step {k[0]} rate_prev {k[1]} -> rate {k[2]} (c={k[3]})")
         self.decisions.append(d)
         self.rate, self.moreg_prev = d.rate, prev
 
-    def _verify(self, d) -> None:
-        keys = self.comm.all_gather_object(d.key(), group="agree", tag="cache-verify")
-        if any(k != keys[0] for k in keys):
-            lines = "; ".join(f"agree rank {r}: step {k[0]} rate_prev {k[1]} -> rate {k[2]} (c={k[3]})"
-                              for r, k in enumerate(keys))
-            raise CacheAgreementError(f"AdaCache decisions diverged at step {d.step} across the agreement group "
-                                      f"({lines}); the ranks would run different collectives and hang")
-
     # -- report ----------------------------------------------------------------------------------
     def bytes_held(self) -> int:
-        t = [self._delta] + list(self._prev or [])
-        return sum(x.numel() * x.element_size() for x in t if x is not None)
+        return tensor_bytes(self._delta, *(self._prev or []))
 
     def report(self) -> dict:
         rep = super().report()
@@ -220,9 +179,7 @@ class AdaCache(CachePolicy):
                 "power": self.moreg.power, "div": self.moreg.div, "grad_mul": self.moreg.grad_mul,
                 "use_grad": self.moreg.use_grad},
             "decisions": [json_safe(vars(d)) for d in self.decisions],
-            "bytes_held_peak": self._peak,
             "bytes_kept": "fp32 whole-stack residual + metric residual(s)",
-            "agreement": {"group": "agree", "size": 1 if self.comm is None else self.comm.size("agree"),
-                          "decision_all_reduces": self.all_reduces, "verified": bool(c.verify_agreement)},
+            "agreement": self.agreement_report(),
         })
         return rep

@@ -1,0 +1,88 @@
+"""First-Block-Cache (ParaAttention / diffusers): run the first block, and when its residual has
+barely changed since the last computed step, reuse the residual of the rest of the stack.
+
+For STDiT3 the "first block" is layer 0: spatial block 0 and temporal block 0. Per step:
+
+    h1 = layer0(x_emb); r1 = h1 - x_emb
+    a reference exists and |r1 - r1_ref|_1 / |r1_ref|_1 < threshold: out = h1 + R_tail
+    else: out = rest(h1); R_tail = out - h1 (fp32); r1_ref = r1
+
+r1_ref changes only on computed steps, so drift is measured against the last refresh. No step is
+forced to compute but the first (no reference); the default threshold is diffusers' 0.05.
+
+Rank agreement: the two L1 sums over this rank's tokens (padding masked) in one float64 all-reduce
+over the agreement group on every step with a reference; the comparison uses the reduced values,
+identical on all ranks. A reused step still runs layer 0 and so, under a sequence-parallel layout,
+layer 0's collectives (DSP: the two all-to-alls of its spatial attention), as every FBCache does.
+"""
+
+from __future__ import annotations
+
+from runner.cache.base import (
+    BlocksStagePolicy, add_residual, block_sequence, fp32_residual, json_safe, run_blocks, tensor_bytes,
+)
+from runner.cache.metric import l1_sums
+
+
+class FBCache(BlocksStagePolicy):
+    name = "fbcache"
+
+    def __init__(self, cfg, comm=None) -> None:
+        super().__init__(cfg, comm)
+        if not cfg.fbcache_threshold > 0:
+            raise ValueError(f"cache.fbcache_threshold={cfg.fbcache_threshold} must be > 0 (0 never reuses)")
+        self.threshold = float(cfg.fbcache_threshold)
+        self.reset()
+
+    def install(self, model) -> None:
+        super().install(model)
+        self.blocks = block_sequence(model)
+
+    def reset(self) -> None:
+        super().reset()
+        self.values: dict[int, float] = {}  # step -> relative L1 of the first block's residual
+        self._ref = None  # r1 of the last computed step
+        self._tail = None  # fp32 out - h1 of the last computed step
+
+    def decide_compute(self, info) -> bool:
+        self.arm()
+        return True  # provisional: decided after layer 0 (run_stage)
+
+    def run_stage(self, e):
+        k, last = self.index, self.index == self.num_steps - 1
+        h1 = run_blocks(self.blocks[:2], e, e.x)
+        r1 = (h1 - e.x).detach()
+        compute = True
+        if self._ref is not None:
+            s = self.agree(l1_sums(self._ref, r1, e.extras.get("s_mask")))  # [|r1 - r1_ref|, |r1_ref|]
+            rel = s[0] / s[1] if s[1] else float("inf")
+            self.values[k] = rel
+            compute = not rel < self.threshold
+            self.verify(k, (k, compute, float(rel).hex()),
+                        lambda key: f"step {key[0]} compute={key[1]} rel={float.fromhex(key[2])}")
+        self.computed[k] = compute
+        if compute:
+            out = run_blocks(self.blocks[2:], e, h1)
+            if not last:
+                self._tail, self._ref = fp32_residual(out, h1), r1
+        else:
+            out = add_residual(h1, self._tail)
+        self.note_memory()
+        if last:
+            self._tail = self._ref = None
+            self.disarm()
+        return out
+
+    def bytes_held(self) -> int:
+        return tensor_bytes(self._tail, self._ref)
+
+    def report(self) -> dict:
+        rep = super().report()
+        rep.update({
+            "threshold": self.threshold,
+            "decisions": [json_safe({"step": k, "rel_l1": v, "reused": not self.computed[k]})
+                          for k, v in sorted(self.values.items())],
+            "bytes_kept": "fp32 tail residual (layers 1..) + layer 0's residual of the last computed step",
+            "agreement": self.agreement_report(),
+        })
+        return rep

@@ -1,0 +1,135 @@
+"""TeaCache (arXiv 2411.19108) for Open-Sora 1.2: whole-stack residual reuse gated by the
+accumulated, polynomially rescaled relative L1 change of block 0's timestep-modulated input.
+
+Per step k (0-based, T steps), with F_k = modulate(norm1(x_emb), shift_msa, scale_msa) of
+spatial block 0 (its scale_shift_table + the step's t_mlp) over the whole batch (both CFG halves):
+
+    k == 0 or k == T-1: compute, acc = 0
+    else: acc += poly(|F_k - F_{k-1}|_1 / |F_{k-1}|_1); acc < delta: reuse, else compute and acc = 0
+    F_prev = F_k (every step)
+
+poly: np.poly1d-style coefficients, highest power first (the Open-Sora 1.2 fit by default);
+delta: 0.1 (slow) or 0.2 (fast), or `teacache_thresh`. A reused step returns x_emb + R with R the
+fp32 blocks-stage residual of the last computed step; embed and final layer run every step.
+
+Rank agreement: the two L1 sums over this rank's tokens (padding masked) go into one float64
+all-reduce over the agreement group on every step 1..T-2, so the relative L1 is the global one
+(the mean ratio of the reference: both means count the same elements) and bit-identical on all
+ranks; the accumulator is a pure function of those values. With CFG-parallel the sums span both
+halves, as the reference's batched [cond; uncond] forward does. F_k costs one LayerNorm and one
+modulation of the embedded shard per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from models.layers import modulate
+from runner.cache.base import BlocksStagePolicy, add_residual, fp32_residual, json_safe, tensor_bytes
+from runner.cache.metric import l1_sums
+
+# Open-Sora 1.2's rescaling polynomial (TeaCache eval/teacache/experiments/opensora.py), highest power first.
+OPENSORA_COEFFICIENTS = (2.17546007e+02, -1.18329252e+02, 2.68662585e+01, -4.59364272e-02, 4.84426240e-02)
+THRESHOLDS = {"slow": 0.1, "fast": 0.2}
+
+
+def poly(coefficients, x: float) -> float:
+    """np.poly1d(coefficients)(x): highest power first (Horner)."""
+    acc = 0.0
+    for c in coefficients:
+        acc = acc * x + c
+    return acc
+
+
+def modulated_input(block, e) -> torch.Tensor:
+    """The timestep-modulated input of `block` (its self-attention's input) for the embedded tokens."""
+    b, c = e.x.shape[0], e.x.shape[-1]
+    mod = (block.scale_shift_table[None] + e.t_mlp.reshape(b, 6, c))[:, :2, None, None, :]
+    shift, scale = mod.unbind(1)
+    return modulate(block.norm1(e.x), shift, scale)
+
+
+class Accumulator:
+    """The TeaCache rule on host floats: `step(k, n, rel)` -> compute? (rel: None on steps 0, n-1)."""
+
+    def __init__(self, delta: float, coefficients) -> None:
+        self.delta, self.coefficients, self.acc = delta, tuple(coefficients), 0.0
+
+    def step(self, k: int, n: int, rel: float | None) -> tuple[bool, float | None]:
+        """(compute, rescaled distance) for step k of n; resets the accumulator when computing."""
+        rescaled = None
+        if k == 0 or k == n - 1:
+            compute = True
+        else:
+            rescaled = poly(self.coefficients, rel)
+            self.acc += rescaled
+            # an undefined distance (|F_prev| = 0: rel = inf) or a non-finite rescaling computes
+            compute = not (math.isfinite(self.acc) and self.acc < self.delta)
+        if compute:
+            self.acc = 0.0
+        return compute, rescaled
+
+
+class TeaCache(BlocksStagePolicy):
+    name = "teacache"
+
+    def __init__(self, cfg, comm=None) -> None:
+        super().__init__(cfg, comm)
+        if cfg.teacache_thresh is None and cfg.speed not in THRESHOLDS:
+            raise ValueError(f"cache.speed={cfg.speed!r}: TeaCache knows slow (delta 0.1) and fast (0.2); "
+                             "or set cache.teacache_thresh")
+        self.delta = float(cfg.teacache_thresh if cfg.teacache_thresh is not None else THRESHOLDS[cfg.speed])
+        self.coefficients = tuple(float(c) for c in cfg.teacache_coefficients)
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self.rule = Accumulator(self.delta, self.coefficients)
+        self.values: dict[int, dict] = {}  # step -> rel_l1, rescaled, acc (decided steps)
+        self._prev_inp = None
+        self._residual = None
+
+    def decide_compute(self, info) -> bool:
+        self.arm()
+        return True  # provisional: the decision needs this step's modulated input (run_stage)
+
+    def run_stage(self, e):
+        k, n = self.index, self.num_steps
+        inp = modulated_input(self.model.spatial_blocks[0], e)
+        rel = None
+        if 0 < k < n - 1:
+            s = self.agree(l1_sums(self._prev_inp, inp, e.extras.get("s_mask")))  # [|F_k - F_prev|, |F_prev|]
+            rel = s[0] / s[1] if s[1] else float("inf")
+        acc = self.rule.acc
+        compute, rescaled = self.rule.step(k, n, rel)
+        if rel is not None:
+            self.values[k] = {"rel_l1": rel, "rescaled": rescaled, "acc": acc + rescaled}
+            self.verify(k, (k, compute, float(rel).hex()),
+                        lambda key: f"step {key[0]} compute={key[1]} rel={float.fromhex(key[2])}")
+        self.computed[k] = compute
+        last = k == n - 1
+        self._prev_inp = None if last else inp.detach()
+        if compute:
+            x_out = self._orig_blocks(e)
+            self._residual = None if last else fp32_residual(x_out, e.x)
+        else:
+            x_out = add_residual(e.x, self._residual)
+        self.note_memory()
+        if last:
+            self.disarm()
+        return x_out
+
+    def bytes_held(self) -> int:
+        return tensor_bytes(self._residual, self._prev_inp)
+
+    def report(self) -> dict:
+        rep = super().report()
+        rep.update({
+            "delta": self.delta, "coefficients": list(self.coefficients),
+            "decisions": [json_safe({"step": k, **v}) for k, v in sorted(self.values.items())],
+            "bytes_kept": "fp32 whole-stack residual + block 0's modulated input of the previous step",
+            "agreement": self.agreement_report(),
+        })
+        return rep
