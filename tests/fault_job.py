@@ -3,7 +3,9 @@
     torchrun ... tests/fault_job.py PIDDIR MODE FAULT_RANK [hydra overrides...]
 
 MODE: none | raise | kill | hang | bad_input, applied to FAULT_RANK at its first model call
-(bad_input: its output directory check fails). "+hang" after a mode (raise+hang) makes every other
+(bad_input: its output directory check fails). FAULT_RANK is a global rank, or "here" (every rank
+of this launcher) or "none" (no rank of it), for multi-launcher tests where ranks are assigned by
+the rendezvous. "+hang" after a mode (raise+hang) makes every other
 rank hang at its first model call instead, so only the failure propagation can end it. Every rank
 writes its pid to PIDDIR/rank<N>.pid so a test can check that none survives.
 """
@@ -20,12 +22,13 @@ import runner.generate as g  # noqa: E402
 
 
 def main() -> None:
-    piddir, mode, fault_rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    piddir, mode, fault_rank = sys.argv[1], sys.argv[2], sys.argv[3]
     rank = int(os.environ.get("RANK", "0"))
+    faulty = fault_rank == "here" or (fault_rank not in ("here", "none") and rank == int(fault_rank))
     with open(os.path.join(piddir, f"rank{rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
     mode, _, others = mode.partition("+")
-    action = mode if rank == fault_rank else others
+    action = mode if faulty else others
 
     if action == "bad_input":
         def check_output_dir(path):

@@ -2,6 +2,7 @@
 c10d rendezvous on 127.0.0.1, as launch/slurm.sbatch starts them on a cluster."""
 
 import os
+import re
 import signal
 
 import pytest
@@ -40,19 +41,25 @@ def test_two_nodes_produce_the_single_process_latent(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["raise", "kill"])
 def test_a_failure_on_one_node_stops_the_other_dp_group(tmp_path, piddir, fault):
-    # dp=2: the two ranks share no collective in the loop. Rank 1 fails at its first step while
-    # rank 0 hangs in its own; only the watchdog (failure flag / heartbeats) can end rank 0.
+    # dp=2: the two ranks share no collective in the loop. The rank of the second launcher fails at
+    # its first step while the other hangs in its own; only the watchdog (failure flag /
+    # heartbeats) can end it. The first launcher hosts the rendezvous store, as the first node of
+    # a Slurm job does: were the failing launcher the host, its exit would take the store along
+    # and the surviving launcher would stop its worker itself, before the watchdog speaks.
     timeout_s = 6
     port = free_port()
-    target = ["tests/fault_job.py", str(piddir), f"{fault}+hang", "1", *ARGS, "parallel.dp=2",
-              f"parallel.timeout_s={timeout_s}", "prompt=null", f"prompts_file={_prompts(tmp_path)}",
-              f"output_dir={tmp_path / 'out'}"]
-    codes, out, seconds = run_all([node(2, port, target), node(2, port, target)], timeout=90)
+    common = [*ARGS, "parallel.dp=2", f"parallel.timeout_s={timeout_s}", "prompt=null",
+              f"prompts_file={_prompts(tmp_path)}", f"output_dir={tmp_path / 'out'}"]
+    host = node(2, port, ["tests/fault_job.py", str(piddir), f"{fault}+hang", "none", *common], is_host=True)
+    other = node(2, port, ["tests/fault_job.py", str(piddir), f"{fault}+hang", "here", *common], is_host=False)
+    codes, out, seconds = run_all([host, other], timeout=90)
     assert None not in codes and codes != [0, 0], out
     assert survivors(piddir) == []
     if fault == "raise":
-        assert out.count("RuntimeError: injected fault on rank 1") == 1, out
-        assert "[rank 0] stopping: rank 1 failed" in out, out
+        failed = re.findall(r"RuntimeError: injected fault on rank (\d)", out)
+        assert len(failed) == 1, out
+        survivor = 1 - int(failed[0])
+        assert f"[rank {survivor}] stopping: rank {failed[0]} failed" in out, out
 
 
 def _prompts(tmp_path):

@@ -29,10 +29,12 @@ def standalone(nproc: int, target: list[str]) -> list[str]:
     return [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *target]
 
 
-def node(nnodes: int, port: int, target: list[str]) -> list[str]:
-    """One launcher of an nnodes x 1 job meeting at a c10d rendezvous on 127.0.0.1:port."""
+def node(nnodes: int, port: int, target: list[str], is_host: bool | None = None) -> list[str]:
+    """One launcher of an nnodes x 1 job meeting at a c10d rendezvous on 127.0.0.1:port. On one
+    machine every launcher may host the rendezvous store (the first to bind wins); is_host pins it."""
+    host = [] if is_host is None else [f"--rdzv_conf=is_host={int(is_host)}"]
     return [*TORCHRUN, f"--nnodes={nnodes}", "--nproc_per_node=1", "--rdzv_backend=c10d",
-            f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=skipsync-test-{port}", *target]
+            f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=skipsync-test-{port}", *host, *target]
 
 
 def run_all(cmds: list[list[str]], timeout: float) -> tuple[list[int], str, float]:
