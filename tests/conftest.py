@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 import pytest
@@ -11,3 +12,15 @@ if ROOT not in sys.path:
 @pytest.fixture
 def repo_root():
     return ROOT
+
+
+@pytest.fixture
+def piddir(tmp_path):
+    """Where torchrun fault jobs write their pids; any survivor is killed afterwards."""
+    from torchrun_util import survivors
+
+    d = tmp_path / "pids"
+    d.mkdir()
+    yield d
+    for pid in survivors(d, wait_s=0):
+        os.kill(pid, signal.SIGKILL)

@@ -3,7 +3,6 @@ input ends the whole job non-zero within the collective timeout; the error is pr
 survives. tests/fault_job.py injects the fault into `python -m runner.generate`."""
 
 import os
-import signal
 
 import pytest
 
@@ -12,15 +11,6 @@ from torchrun_util import run_all, standalone, survivors
 TIMEOUT_S = 6  # parallel.timeout_s of the jobs
 ARGS = ["model=demo-random", "model.arch=STDiT3-tiny", "num_frames=5", "height=9", "width=10", "sampler.num_steps=2",
         "progress=false", "device=cpu", "prompt=a red circle moves left", f"parallel.timeout_s={TIMEOUT_S}"]
-
-
-@pytest.fixture
-def piddir(tmp_path):
-    d = tmp_path / "pids"
-    d.mkdir()
-    yield d
-    for pid in survivors(d, wait_s=0):
-        os.kill(pid, signal.SIGKILL)
 
 
 def _job(tmp_path, piddir, mode, *extra, nproc=2):

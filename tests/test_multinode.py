@@ -1,9 +1,7 @@
 """Two "nodes" on this machine: two torchrun launchers (--nnodes 2 --nproc_per_node 1) meeting at a
 c10d rendezvous on 127.0.0.1, as launch/slurm.sbatch starts them on a cluster."""
 
-import os
 import re
-import signal
 
 import pytest
 import torch
@@ -15,15 +13,6 @@ from torchrun_util import free_port, node, run_all, survivors
 ARGS = ["model=demo-random", "model.arch=STDiT3-tiny", "num_frames=5", "height=9", "width=10", "sampler.num_steps=2",
         "progress=false", "device=cpu", "save_latent=true", "prompt=a red circle moves left"]
 NAME = "0000-a-red-circle-moves-left"
-
-
-@pytest.fixture
-def piddir(tmp_path):
-    d = tmp_path / "pids"
-    d.mkdir()
-    yield d
-    for pid in survivors(d, wait_s=0):
-        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
