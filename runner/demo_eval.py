@@ -215,13 +215,16 @@ def judge(video, caption: str) -> dict:
 
 
 def score(videos: Sequence, captions: Sequence[str]) -> dict:
-    """Judge each (video, caption) pair. accuracy_shape counts only captions that name a shape."""
+    """Judge each (video, caption) pair. accuracy_colour: the captioned colour is present;
+    accuracy_colour_motion: present and moving as captioned; accuracy_shape counts only captions
+    that name a shape."""
     if len(videos) != len(captions):
         raise ValueError(f"{len(videos)} videos but {len(captions)} captions")
     items = [judge(v, c) for v, c in zip(videos, captions)]
     shaped = [it["shape_ok"] for it in items if it["shape_ok"] is not None]
     nan = float("nan")
     return {
+        "accuracy_colour": float(np.mean([it["colour_ok"] for it in items])) if items else nan,
         "accuracy_colour_motion": float(np.mean([it["ok"] for it in items])) if items else nan,
         "accuracy_shape": float(np.mean(shaped)) if shaped else nan,
         "per_item": items,

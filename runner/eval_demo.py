@@ -64,6 +64,7 @@ def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
     result = demo_eval.score(videos, caps)
     out = {
         "captions": len(caps),
+        "accuracy_colour": result["accuracy_colour"],
         "accuracy_colour_motion": result["accuracy_colour_motion"],
         "accuracy_shape": result["accuracy_shape"],
         "generation_seconds": seconds,
@@ -94,6 +95,7 @@ def main(argv=None) -> None:
         mark = "ok  " if item["ok"] else "FAIL"
         print(f"{mark} {item['caption']:<50} motion={item['motion_pred']:<8} shape={item['shape_pred']}")
     line = (f"held-out captions: {res['captions']}, colour+direction accuracy {res['accuracy_colour_motion']:.1%}, "
+            f"colour alone {res['accuracy_colour']:.1%}, "
             f"shape accuracy {res['accuracy_shape']:.1%}, generation {res['generation_seconds']:.1f} s")
     if "psnr_db" in res:
         line += f", PSNR {res['psnr_db']:.2f} dB, SSIM {res['ssim']:.4f} vs uncached ({res['uncached_seconds']:.1f} s)"

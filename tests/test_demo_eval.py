@@ -218,3 +218,14 @@ def test_metrics_reject_bad_input():
         de.psnr(v, v[:2])
     with pytest.raises(ValueError):
         de.ssim(v[:, :8, :8], v[:, :8, :8])
+
+
+def test_colour_accuracy_is_scored_apart_from_motion():
+    specs, clips = _clips(16, 40)
+    moving = [(s, c) for s, c in zip(specs, clips) if s.motion != "still"]
+    caps = [_with(s, motion=OPPOSITE[s.motion]) for s, _ in moving]
+    wrong_motion = de.score([c for _, c in moving], caps)
+    assert wrong_motion["accuracy_colour"] == 1.0 and wrong_motion["accuracy_colour_motion"] == 0.0
+    other = {c: next(o for o in dd.COLOURS if o != c) for c in dd.COLOURS}
+    wrong_colour = de.score(list(clips), [_with(s, colour=other[s.colour]) for s in specs])
+    assert wrong_colour["accuracy_colour"] == 0.0
