@@ -53,10 +53,10 @@ class TrainConfig:
     ema_decay: float = 0.998
     cfg_dropout: float = 0.1  # probability of training on the null caption (for CFG)
     # Timestep shift t' = r t / (1 + (r - 1) t) of the logit-normal t (Open-Sora's transform with a
-    # fixed ratio): pixels are redundant, so the layout is decided at high noise and needs samples
-    # there. Applied from step t_shift_start on (the shipped run trained its first steps unshifted).
-    t_shift: float = 3.0
-    t_shift_start: int = 0
+    # fixed ratio): pixels are redundant, so layout and motion are decided at high noise and need
+    # samples there. Ratio t_shift[i] applies from step t_shift_from[i] on (1 before the first).
+    t_shift: list[float] = field(default_factory=lambda: [3.0])
+    t_shift_from: list[int] = field(default_factory=lambda: [0])
     num_frames: int = 8
     size: int = 32
     seed: int = 0
@@ -92,6 +92,16 @@ def build_demo(arch: DemoArch, seed: int) -> DemoPipeline:
 
 def shift_t(t: torch.Tensor, ratio: float) -> torch.Tensor:
     return ratio * t / (1 + (ratio - 1) * t)
+
+
+def shift_ratio(cfg: TrainConfig, step: int) -> float:
+    if len(cfg.t_shift) != len(cfg.t_shift_from) or list(cfg.t_shift_from) != sorted(cfg.t_shift_from):
+        raise ValueError("t_shift and t_shift_from must have the same length, t_shift_from ascending")
+    ratio = 1.0
+    for r, start in zip(cfg.t_shift, cfg.t_shift_from):
+        if step >= start:
+            ratio = r
+    return ratio
 
 
 def rf_loss(pipe: DemoPipeline, x0: torch.Tensor, captions: list[str], cfg: TrainConfig, gen: torch.Generator,
@@ -198,7 +208,7 @@ def train(cfg: TrainConfig) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         x0, captions = demo_data.make_batch(rng, cfg.batch_size, cfg.num_frames, cfg.size, split="train")
-        loss = rf_loss(pipe, x0, captions, cfg, gen, cfg.t_shift if step >= cfg.t_shift_start else 1.0)
+        loss = rf_loss(pipe, x0, captions, cfg, gen, shift_ratio(cfg, step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

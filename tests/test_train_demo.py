@@ -2,15 +2,16 @@
 
 import os
 
+import pytest
 import torch
 
 from models.loading import read_safetensors
 from runner.config import ModelConfig
 from runner.pipeline import build_pipeline
-from runner.train_demo import DemoArch, TrainConfig, learning_rate, shift_t, train
+from runner.train_demo import DemoArch, TrainConfig, learning_rate, shift_ratio, shift_t, train
 
 TINY = dict(arch=DemoArch(depth=1, hidden_size=32, num_heads=2, text_width=16, text_depth=1, text_heads=2),
-            batch_size=2, num_frames=4, size=16, warmup=2, progress=False, log_every=1000, t_shift_start=2)
+            batch_size=2, num_frames=4, size=16, warmup=2, progress=False, log_every=1000, t_shift=[3.0], t_shift_from=[2])
 
 
 def _weights(path):
@@ -49,3 +50,10 @@ def test_learning_rate_warms_up_holds_and_decays_to_zero():
     assert lrs[80] == 1.0 and abs(lrs[90] - 0.5) < 1e-12 and abs(lrs[99] - 0.05) < 1e-12
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert learning_rate(TrainConfig(steps=100, lr=1.0, warmup=10), 99) == 1.0
+
+
+def test_shift_phases():
+    cfg = TrainConfig(t_shift=[3.0, 8.0], t_shift_from=[10, 20])
+    assert [shift_ratio(cfg, s) for s in (0, 9, 10, 19, 20, 99)] == [1.0, 1.0, 3.0, 3.0, 8.0, 8.0]
+    with pytest.raises(ValueError):
+        shift_ratio(TrainConfig(t_shift=[3.0, 8.0], t_shift_from=[20, 10]), 0)
