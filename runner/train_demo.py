@@ -6,7 +6,7 @@ procedural captioned clips of `runner.demo_data`, with Open-Sora 1.2's rectified
 
 The checkpoint (EMA weights, safetensors + config.json) is written every `save_every` steps and at
 the end, atomically, so an interrupted run still leaves a usable model; `resume=true` continues
-from the training state kept next to it.
+from the training state kept next to it (with the same `steps`: the lr decay depends on it).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class DemoArch:
     depth: int = 4
     hidden_size: int = 96
     num_heads: int = 4
-    patch_size: list[int] = field(default_factory=lambda: [1, 4, 4])
+    # Two frames per token: each token sees the motion between them.
+    patch_size: list[int] = field(default_factory=lambda: [2, 4, 4])
     text_width: int = 64
     text_depth: int = 2
     text_heads: int = 4
@@ -45,11 +46,11 @@ class DemoArch:
 @dataclass
 class TrainConfig:
     arch: DemoArch = field(default_factory=DemoArch)
-    steps: int = 2500
+    steps: int = 3000
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 100
-    decay_steps: int = 0  # linear decay of the lr to 0 over the last decay_steps steps (0: constant)
+    decay_steps: int = 1000  # linear decay of the lr to 0 over the last decay_steps steps (0: constant)
     ema_decay: float = 0.998
     cfg_dropout: float = 0.1  # probability of training on the null caption (for CFG)
     # Timestep shift t' = r t / (1 + (r - 1) t) of the logit-normal t (Open-Sora's transform with a

@@ -10,8 +10,10 @@ from runner.config import ModelConfig
 from runner.pipeline import build_pipeline
 from runner.train_demo import DemoArch, TrainConfig, learning_rate, shift_ratio, shift_t, train
 
+# Constant lr (the decay depends on the total steps, which a resumed run must keep), so a 2-step run
+# can be continued to 4 and compared with a 4-step one.
 TINY = dict(arch=DemoArch(depth=1, hidden_size=32, num_heads=2, text_width=16, text_depth=1, text_heads=2),
-            batch_size=2, num_frames=4, size=16, warmup=2, progress=False, log_every=1000, t_shift=[3.0], t_shift_from=[2])
+            batch_size=2, num_frames=4, size=16, warmup=2, decay_steps=0, progress=False, log_every=1000, t_shift=[3.0], t_shift_from=[2])
 
 
 def _weights(path):
@@ -49,7 +51,7 @@ def test_learning_rate_warms_up_holds_and_decays_to_zero():
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[79] == 1.0
     assert lrs[80] == 1.0 and abs(lrs[90] - 0.5) < 1e-12 and abs(lrs[99] - 0.05) < 1e-12
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert learning_rate(TrainConfig(steps=100, lr=1.0, warmup=10), 99) == 1.0
+    assert learning_rate(TrainConfig(steps=100, lr=1.0, warmup=10, decay_steps=0), 99) == 1.0
 
 
 def test_shift_phases():
@@ -57,3 +59,17 @@ def test_shift_phases():
     assert [shift_ratio(cfg, s) for s in (0, 9, 10, 19, 20, 99)] == [1.0, 1.0, 3.0, 3.0, 8.0, 8.0]
     with pytest.raises(ValueError):
         shift_ratio(TrainConfig(t_shift=[3.0, 8.0], t_shift_from=[20, 10]), 0)
+
+
+def test_recipe_defaults_are_those_of_the_shipped_checkpoint():
+    import dataclasses
+    import json
+
+    from runner.pipeline import BUILTIN
+
+    with open(os.path.join(BUILTIN["demo"], "config.json")) as f:
+        shipped = json.load(f)["training"]
+    assert shipped["step"] == shipped["config"]["steps"]  # a finished run, not a snapshot
+    ours = dataclasses.asdict(TrainConfig())
+    ignore = {"output_dir", "log_every", "save_every", "max_minutes", "resume", "progress"}
+    assert {k: v for k, v in ours.items() if k not in ignore} == {k: v for k, v in shipped["config"].items() if k not in ignore}
