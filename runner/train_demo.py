@@ -35,8 +35,7 @@ class DemoArch:
     depth: int = 4
     hidden_size: int = 96
     num_heads: int = 4
-    # Two frames per token: each token sees the motion between them.
-    patch_size: list[int] = field(default_factory=lambda: [2, 4, 4])
+    patch_size: list[int] = field(default_factory=lambda: [1, 4, 4])
     text_width: int = 64
     text_depth: int = 2
     text_heads: int = 4
@@ -46,18 +45,20 @@ class DemoArch:
 @dataclass
 class TrainConfig:
     arch: DemoArch = field(default_factory=DemoArch)
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 100
-    decay_steps: int = 1000  # linear decay of the lr to 0 over the last decay_steps steps (0: constant)
+    decay_steps: int = 0  # linear decay of the lr to 0 over the last decay_steps steps (0: constant)
     ema_decay: float = 0.998
     cfg_dropout: float = 0.1  # probability of training on the null caption (for CFG)
     # Timestep shift t' = r t / (1 + (r - 1) t) of the logit-normal t (Open-Sora's transform with a
     # fixed ratio): pixels are redundant, so layout and motion are decided at high noise and need
     # samples there. Ratio t_shift[i] applies from step t_shift_from[i] on (1 before the first).
-    t_shift: list[float] = field(default_factory=lambda: [3.0])
-    t_shift_from: list[int] = field(default_factory=lambda: [0])
+    # The shipped run: unshifted for 1600 steps (its layout stayed patch-wise noise), then 3, then 8
+    # (direction is decided nearest to pure noise).
+    t_shift: list[float] = field(default_factory=lambda: [3.0, 8.0])
+    t_shift_from: list[int] = field(default_factory=lambda: [1600, 3600])
     num_frames: int = 8
     size: int = 32
     seed: int = 0
