@@ -40,7 +40,7 @@ import torch
 from omegaconf import OmegaConf
 
 from models.loading import CheckpointError
-from parallel.comm import Comm
+from parallel.comm import Comm, split_range
 from parallel.layouts import LAYOUTS, SequenceParallel, parallelize
 from parallel.mesh import Mesh, ParallelConfig, init_mesh, launch_env
 from parallel.shard import RowShard, row_shard
@@ -135,6 +135,24 @@ class Parallel:
                 return shard.assemble(band, self.comm)
 
         return Run(z, y, mask, shard.rows if shard else None, cfg_combine, on_step, assemble)
+
+    def decode(self, pipe, z: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Video (B, 3, num_frames, H, W) from the full latent z, which every rank of the prompt's
+        group (cfg x sp) holds: each rank decodes a contiguous run of the pipeline's independent
+        chunks and one all_gather assembles the frames, in order, on every rank of the group."""
+        n = self.comm.size("agree")
+        if n == 1:
+            return pipe.decode(z, num_frames)
+        chunks = pipe.chunks(num_frames)
+        runs = [split_range(len(chunks), n, r) for r in range(n)]
+        counts = [sum(c.num_frames for c in chunks[a:b]) for a, b in runs]
+        start, stop = runs[self.comm.rank("agree")]
+        if stop > start:
+            mine = pipe.decode_chunks(z, num_frames, range(start, stop)).float()
+        else:  # more ranks than chunks: nothing to decode, still part of the gather
+            mine = z.new_zeros((z.shape[0], 3, 0, *pipe.frame_size(z)), dtype=torch.float32)
+        with self.comm.log.in_phase("decode"):
+            return self.comm.all_gather(mine.contiguous(), "agree", dim=2, sizes=counts, tag="decode")
 
     def report(self) -> dict:
         """For the run report: the mesh, the layout, and every rank's collectives per step (a

@@ -70,8 +70,8 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
 
     `cond`: the prompt's conditioning when the caller encoded a batch of prompts (else it is
     encoded here); `phases` (runner.report.Phases), if given, closes "sampling" and "decoding".
-    `par`: the job's `runner.distributed.Parallel` (default: one process). Only its writer (the
-    group leader) decodes; the others return video None.
+    `par`: the job's `runner.distributed.Parallel` (default: one process). The group's ranks
+    decode a share of the chunks each; only the writer (the group leader) returns the video.
     The cache policy of cfg.cache is installed on pipe.dit on first use (after the parallel layout),
     reset here and told every step; its agreement all-reduce goes through `par.comm`.
     """
@@ -119,7 +119,8 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
     check_finite(z)
     if phases is not None:
         phases.end("sampling")
-    video = pipe.decode(z, cfg.num_frames)[0] if par.is_writer else None
+    video = par.decode(pipe, z, cfg.num_frames)[0]  # shared by the prompt's group
+    video = video if par.is_writer else None
     if phases is not None:
         phases.end("decoding")
     return video, z, step_times

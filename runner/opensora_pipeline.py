@@ -138,6 +138,10 @@ class OpenSoraPipeline(PipelineBase):
         """Frames of the chunks `chunk_ids` only, from the full latent z: (B, 3, frames, H, W) fp32."""
         return self.vae.decode_chunks(z, num_frames, chunk_ids).float().clamp_(-1, 1)
 
+    def frame_size(self, z: torch.Tensor) -> tuple[int, int]:
+        """(H, W) of the decoded frames of latent z."""
+        return int(z.shape[-2]) * self.vae.spatial_factor, int(z.shape[-1]) * self.vae.spatial_factor
+
     def decode(self, z: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         """Latent (B, 4, T', h, w) -> video (B, 3, num_frames, 8h, 8w) in [-1, 1]."""
         num_frames = num_frames or self.frames_for_latents(z.shape[2])

@@ -95,6 +95,10 @@ class DemoPipeline(PipelineBase):
         """Latent (B, C, T, H, W) -> video (B, 3, T, H, W) in [-1, 1]."""
         return z
 
+    def frame_size(self, z: torch.Tensor) -> tuple[int, int]:
+        """(H, W) of the decoded frames of latent z."""
+        return int(z.shape[-2]), int(z.shape[-1])
+
     def describe(self) -> dict:
         return {
             "family": self.family,

@@ -92,7 +92,11 @@ def test_sequence_parallel_equals_one_process(tmp_path, reference, layout, sp):
             assert ops["all_to_all"]["bytes"] == _a2a_bytes(layout, sp, r, B)
         # outside the loop: the one all_gather that assembles the latent
         band = row_shard((5, 9, 10), (1, 2, 2), sp, r).latent_row_sizes[r]
-        assert rank["outside_steps"]["by_phase"] == {"assemble": {"count": 1, "bytes": 3 * T * band * 10 * 4}}
+        # the latent's bands gathered once; then each rank decodes its run of frames (one chunk per
+        # frame in pixel space) and the frames are gathered once
+        frames = split_sizes(T, sp)[r]
+        assert rank["outside_steps"]["by_phase"] == {"assemble": {"count": 1, "bytes": 3 * T * band * 10 * 4},
+                                                     "decode": {"count": 1, "bytes": 3 * frames * 9 * 10 * 4}}
     rep = json.loads((out / "0000-a-red-circle-moves-left.json").read_text())
     assert rep["parallel"]["collectives_per_rank"][1]["per_step"]["0"]["all_to_all"]["count"] == count
 
