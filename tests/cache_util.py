@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import pytest
 import torch
 
 from models.stdit3 import build_stdit3, get_config
@@ -97,11 +96,3 @@ def sharded_run(rank, world_size, sp, cfg_size, layout, cache: CacheConfig, ts=N
     mesh.destroy()
     return full, policy.report(), per_step
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (the build machines' 2 cores are shared; more threads only spin)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)

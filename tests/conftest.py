@@ -24,3 +24,15 @@ def piddir(tmp_path):
     yield d
     for pid in survivors(d, wait_s=0):
         os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread (the build machines' 2 cores are shared; more threads only
+    spin). Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

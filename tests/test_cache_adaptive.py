@@ -17,8 +17,9 @@ from runner.cache.teacache import OPENSORA_COEFFICIENTS, Accumulator, poly
 from runner.config import CacheConfig
 from runner.sampler import StepInfo
 from tests.cache_util import inputs, run, tiny_model
-from tests.cache_util import one_thread  # noqa: F401 (autouse fixture)
 from tests.helpers import make_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDENTITY_POLY = (0.0, 0.0, 0.0, 1.0, 0.0)  # poly(x) = x
 

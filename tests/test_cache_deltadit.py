@@ -12,8 +12,9 @@ from runner.cache.base import block_sequence
 from runner.cache.deltadit import budget, paper_plan, port_plan
 from runner.config import CacheConfig
 from tests.cache_util import inputs, run, tiny_model
-from tests.cache_util import one_thread  # noqa: F401 (autouse fixture)
 from tests.helpers import make_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_budget_formula():

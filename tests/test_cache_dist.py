@@ -23,8 +23,9 @@ from runner.cache.codebook import select_codebook
 from runner.cache.metric import MoRegParams, decide, site_sums
 from runner.sampler import guidance
 from tests.cache_util import STEPS, cache_cfg, inputs, run, tiny_model
-from tests.cache_util import one_thread  # noqa: F401 (autouse fixture)
 from tests.dist_util import DistError, run_dist
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MO = MoRegParams(window=(4, 26), strides=(1, 2))
 

@@ -12,9 +12,10 @@ import torch
 from runner.cache import AdaCache, NoCache, policy_of
 from runner.generate import generate
 from runner.sampler import SamplerSettings, sample
-from tests.cache_util import one_thread  # noqa: F401 (autouse fixture)
 from tests.cache_util import STEPS, cache_cfg, inputs, run, timesteps, tiny_model
 from tests.helpers import make_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------- the per-block reference (released form)
 

@@ -12,8 +12,9 @@ from runner.cache.pab import Schedule
 from runner.config import CacheConfig
 from runner.sampler import SamplerSettings, make_timesteps
 from tests.cache_util import inputs, run, timesteps, tiny_model
-from tests.cache_util import one_thread  # noqa: F401 (autouse fixture)
 from tests.helpers import make_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # reference cache_methods.md section 1: Open-Sora 480p 2 s (51 frames) 9:16, int(bf16(t)) per step
 TABLE = [1000, 992, 984, 976, 968, 960, 952, 940, 932, 920, 908, 892, 880, 864, 848,

@@ -14,8 +14,9 @@ import torch
 
 from runner.cache import AdaCache
 from tests.cache_util import FRAMES, SIZE, STEPS, cache_cfg, inputs, run, sharded_run, tiny_model
-from tests.cache_util import one_thread  # noqa: F401 (autouse fixture)
 from tests.dist_util import run_dist
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 layouts = pytest.importorskip("parallel.layouts")
 

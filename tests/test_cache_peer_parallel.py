@@ -17,9 +17,10 @@ import torch
 from runner.cache import build_policy
 from runner.config import CacheConfig
 from tests.cache_util import FRAMES, SIZE, STEPS, inputs, run, sharded_run, tiny_model
-from tests.cache_util import one_thread  # noqa: F401 (autouse fixture)
 from tests.test_cache_pab import TABLE
 from tests.dist_util import DistError, run_dist
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEPTH = 2
 ADAPTIVE = {"teacache": CacheConfig(name="teacache", speed="fast"),

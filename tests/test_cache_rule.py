@@ -14,9 +14,10 @@ from runner.cache.codebook import PUBLISHED, Codebook, moreg_window, select_code
 from runner.cache.metric import MoRegParams, decide, motion_sums
 from runner.config import CacheConfig, UserError, validate
 from runner.sampler import StepInfo
-from tests.cache_util import one_thread  # noqa: F401 (autouse fixture)
 from tests.cache_util import cache_cfg
 from tests.helpers import make_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ------------------------------------------------------------------------------------ codebooks
 

@@ -29,13 +29,7 @@ TINY_DIT = STDiT3Config(depth=1, hidden_size=32, num_heads=2, caption_channels=T
 FAST = ("sampler.num_steps=2", "progress=false", "prompt=a cat sitting on the mat")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: on shared CPUs the thread pool costs far more than it saves."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

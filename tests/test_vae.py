@@ -61,13 +61,7 @@ def save_hf_layout(vae, directory, config=PUBLISHED_CONFIG):
     return directory
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny; on shared CPUs the thread pool costs far more than it saves."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
