@@ -34,8 +34,7 @@ def timestep_transform(
     # Latent frames per 17-frame chunk of the VAE: 5. Images count as one frame.
     frames = torch.ones_like(frames) if num_frames == 1 else frames // 17 * 5
     ratio = (ratio_space * frames.sqrt() * scale).double().item()
-    tau = t / num_timesteps
-    return num_timesteps * ratio * tau / (1 + (ratio - 1) * tau)
+    return shift_timestep(t, ratio, num_timesteps)
 
 
 def transform_ratio(height, width, num_frames, cond_dtype=torch.bfloat16) -> float:
@@ -57,7 +56,8 @@ class SamplerSettings:
 
 
 def shift_timestep(t: float, ratio: float, num_timesteps: int = 1000) -> float:
-    """tau' = r tau / (1 + (r - 1) tau), tau = t / num_timesteps (the transform with a fixed r)."""
+    """tau' = r tau / (1 + (r - 1) tau), tau = t / num_timesteps (the transform with a fixed r); t may
+    be a float or a tensor."""
     tau = t / num_timesteps
     return num_timesteps * ratio * tau / (1 + (ratio - 1) * tau)
 

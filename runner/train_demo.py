@@ -28,6 +28,7 @@ from models.stdit3 import STDiT3Config, build_stdit3
 from models.text_tiny import TinyTextConfig, TinyTextEncoder, WordTokenizer
 from runner import demo_data
 from runner.pipeline import DemoPipeline, save_demo_dir
+from runner.sampler import shift_timestep
 
 
 @dataclass
@@ -92,10 +93,6 @@ def build_demo(arch: DemoArch, seed: int) -> DemoPipeline:
     return DemoPipeline(dit, text, tok, "trained", random_weights=False)
 
 
-def shift_t(t: torch.Tensor, ratio: float) -> torch.Tensor:
-    return ratio * t / (1 + (ratio - 1) * t)
-
-
 def shift_ratio(cfg: TrainConfig, step: int) -> float:
     if len(cfg.t_shift) != len(cfg.t_shift_from) or list(cfg.t_shift_from) != sorted(cfg.t_shift_from):
         raise ValueError("t_shift and t_shift_from must have the same length, t_shift_from ascending")
@@ -116,7 +113,7 @@ def rf_loss(pipe: DemoPipeline, x0: torch.Tensor, captions: list[str], cfg: Trai
     drop = torch.rand(b, generator=gen) < cfg.cfg_dropout
     null = pipe.dit.null_caption[: y.shape[1]][None].expand_as(y)
     y = torch.where(drop[:, None, None], null, y)
-    t = shift_t(torch.sigmoid(torch.randn(b, generator=gen)), t_shift)
+    t = shift_timestep(torch.sigmoid(torch.randn(b, generator=gen)), t_shift, num_timesteps=1)
     eps = torch.randn(x0.shape, generator=gen)
     tb = t[:, None, None, None, None]
     xt = (1 - tb) * x0 + tb * eps

@@ -8,7 +8,8 @@ import torch
 from models.loading import read_safetensors
 from runner.config import ModelConfig
 from runner.pipeline import build_pipeline
-from runner.train_demo import DemoArch, TrainConfig, learning_rate, shift_ratio, shift_t, train
+from runner.sampler import shift_timestep
+from runner.train_demo import DemoArch, TrainConfig, learning_rate, shift_ratio, train
 
 # Constant lr (the decay depends on the total steps, which a resumed run must keep), so a 2-step run
 # can be continued to 4 and compared with a 4-step one.
@@ -22,8 +23,8 @@ def _weights(path):
 
 def test_shift_moves_timesteps_towards_noise():
     t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
-    assert torch.allclose(shift_t(t, 3.0), torch.tensor([0.0, 0.5, 0.75, 0.9, 1.0]))
-    assert torch.equal(shift_t(t, 1.0), t)
+    assert torch.allclose(shift_timestep(t, 3.0, num_timesteps=1), torch.tensor([0.0, 0.5, 0.75, 0.9, 1.0]))
+    assert torch.equal(shift_timestep(t, 1.0, num_timesteps=1), t)
 
 
 def test_resume_continues_bit_exactly_and_the_checkpoint_generates(tmp_path):
