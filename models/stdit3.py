@@ -22,6 +22,7 @@ from models.layers import (
     RotaryEmbedding,
     STDiT3Block,
     TimestepEmbedder,
+    sincos_features,
 )
 
 
@@ -38,6 +39,11 @@ class STDiT3Config:
     model_max_length: int = 300
     input_sq_size: int = 512
     qk_norm: bool = True
+    # Off in Open-Sora 1.2 (RoPE alone orders frames, and its causal VAE makes the first latent frame
+    # distinct). A parameter-free sin-cos embedding of the frame index added to the input tokens, as
+    # Open-Sora 1.0's STDiT had, for pixel-space models: from i.i.d. noise, frames are otherwise
+    # interchangeable, so "moves left" cannot be drawn right at the start and left at the end.
+    temporal_pos_embed: bool = False
     class_dropout_prob: float = 0.1  # training only: the probability of the null caption
 
     @property
@@ -150,6 +156,10 @@ class STDiT3(nn.Module):
         base_size = round((total_rows * wp) ** 0.5)
         pos = self.pos_embed(total_rows, wp, scale=scale, base_size=base_size, rows=(r0, r0 + hp)).to(dtype)
         tokens = tokens.reshape(b, tp, hp * wp, -1) + pos
+        if self.config.temporal_pos_embed:
+            # Every rank holds all frames (layouts shard rows), so local frame indices are global.
+            frames = torch.arange(tp, device=x.device)
+            tokens = tokens + sincos_features(frames, tokens.shape[-1]).to(dtype)[None, :, None, :]
 
         # Open-Sora casts the timestep to the model dtype first (bf16 quantises it).
         timestep = torch.as_tensor(timestep, device=x.device).to(dtype).reshape(-1).expand(b)

@@ -139,10 +139,10 @@ def test_collectives_per_step_match_the_formula(layout, p):
 # ----------------------------------------------------------------------------- real ranks
 
 
-def _sharded_forward(rank, world, layout, size):
+def _sharded_forward(rank, world, layout, size, config=TINY):
     mesh = init_mesh(ParallelConfig(sp=world, timeout_s=30))
     comm = Comm(mesh)
-    model = build_stdit3(TINY, seed=0)
+    model = build_stdit3(config, seed=0)
     z, t, y, mask = _inputs(2, size)
     with torch.no_grad():
         hw = dict(height=size[1], width=size[2])  # the whole video's size: a band's own would change the scale
@@ -164,6 +164,14 @@ def test_sharded_forward_equals_single_device_on_3_ranks():
             assert frame_sizes == split_sizes(size[0], 3)
             assert ops == [("all_to_all", "dsp.to_time"), ("all_to_all", "dsp.to_space")] * TINY.depth + [
                 ("all_gather", "assemble")]
+
+
+@pytest.mark.parametrize("layout", ["dsp", "ulysses"])
+def test_sharded_forward_with_temporal_pos_embed_on_2_ranks(layout):
+    # The demo model's frame-index embedding is added to every rank's row band: frames are never split
+    config = get_config("STDiT3-tiny", temporal_pos_embed=True)
+    for diff, _, _ in run_dist(_sharded_forward, 2, layout, SIZE, config):
+        assert diff <= 1e-5, diff
 
 
 def test_bench_dry_run_counts_stdit3_xl_at_720p():

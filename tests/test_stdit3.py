@@ -161,3 +161,28 @@ def test_residual_taps_see_the_increments():
     blk.register_forward_hook(lambda mod, inp, out: inputs.update(x=inp[0], out=out))
     model(torch.randn(1, 4, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 16, 32), torch.ones(1, 16))
     torch.testing.assert_close(inputs["out"] - inputs["x"], seen["attn_delta"] + seen["cross_delta"] + seen["mlp_delta"])
+
+
+def test_temporal_pos_embed_is_off_for_opensora_and_adds_no_keys():
+    assert get_config("STDiT3-XL/2").temporal_pos_embed is False
+    cfg = get_config("STDiT3-tiny")
+    on = build_stdit3(get_config("STDiT3-tiny", temporal_pos_embed=True), seed=0)
+    off = build_stdit3(cfg, seed=0)
+    assert on.state_dict().keys() == off.state_dict().keys()  # parameter-free: same checkpoints load
+
+
+def test_only_the_temporal_pos_embed_tells_identical_frames_apart():
+    # Why the demo model needs it: with RoPE alone, frames that are equal stay equal through every
+    # block (attention over identical keys returns the same value), so from i.i.d. noise the model
+    # cannot make early and late frames differ systematically.
+    x = torch.randn(1, 4, 1, 6, 6).expand(1, 4, 5, 6, 6).contiguous()  # 5 identical frames
+    args = (torch.tensor([900.0]), torch.randn(1, 16, 32), torch.ones(1, 16))
+    for flag in (False, True):
+        model = build_stdit3(get_config("STDiT3-tiny", temporal_pos_embed=flag), seed=2)
+        with torch.no_grad():
+            for blk in model.temporal_blocks:  # undo the identity init so temporal attention acts
+                for lin in (blk.attn.proj, blk.mlp.fc2):
+                    lin.weight.normal_(0, 0.05)
+            out = model(x, *args)
+        spread = (out - out[:, :, :1]).abs().max().item()
+        assert (spread > 1e-3) if flag else (spread < 1e-5), (flag, spread)
