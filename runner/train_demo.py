@@ -41,6 +41,9 @@ class DemoArch:
     text_depth: int = 2
     text_heads: int = 4
     max_length: int = 16
+    # Frame-index embedding (see STDiT3Config); off in the shipped model. Tried on: by step 2600 the
+    # direction word still did not change the output (README, "The demo model").
+    temporal_pos_embed: bool = False
 
 
 @dataclass
@@ -82,9 +85,17 @@ def vocabulary() -> list[str]:
 
 
 def build_demo(arch: DemoArch, seed: int) -> DemoPipeline:
+    values = 3 * math.prod(arch.patch_size)  # RGB values per token
+    if values > arch.hidden_size:
+        # The final layer maps hidden_size features to these values, so the velocity of a token lies
+        # in a hidden_size-dimensional subspace: the rest of the starting noise is never removed.
+        raise ValueError(f"patch {list(arch.patch_size)} holds {values} RGB values per token, more than "
+                         f"hidden_size {arch.hidden_size}: the model could not remove all of the noise; "
+                         f"use hidden_size >= {values} or a smaller patch")
     dit_cfg = STDiT3Config(
         depth=arch.depth, hidden_size=arch.hidden_size, num_heads=arch.num_heads, patch_size=tuple(arch.patch_size),
         in_channels=3, pred_sigma=False, caption_channels=arch.text_width, model_max_length=arch.max_length,
+        temporal_pos_embed=arch.temporal_pos_embed,
     )
     torch.manual_seed(seed)
     tok = WordTokenizer(vocabulary(), arch.max_length)

@@ -13,12 +13,18 @@ from runner.train_demo import DemoArch, TrainConfig, learning_rate, shift_ratio,
 
 # Constant lr (the decay depends on the total steps, which a resumed run must keep), so a 2-step run
 # can be continued to 4 and compared with a 4-step one.
-TINY = dict(arch=DemoArch(depth=1, hidden_size=32, num_heads=2, text_width=16, text_depth=1, text_heads=2),
+TINY = dict(arch=DemoArch(depth=1, hidden_size=32, patch_size=[1, 2, 2], num_heads=2, text_width=16, text_depth=1, text_heads=2),
             batch_size=2, num_frames=4, size=16, warmup=2, decay_steps=0, progress=False, log_every=1000, t_shift=[3.0], t_shift_from=[2])
 
 
 def _weights(path):
     return read_safetensors(os.path.join(path, "dit.safetensors"))
+
+
+def test_a_patch_wider_than_the_model_is_refused():
+    # 4x4x4 RGB patches are 192 values: a 96-wide model would leave half of the noise in the video
+    with pytest.raises(ValueError, match="hidden_size >= 192"):
+        train(TrainConfig(**{**TINY, "arch": DemoArch(patch_size=[4, 4, 4], hidden_size=96)}, steps=1))
 
 
 def test_shift_moves_timesteps_towards_noise():
