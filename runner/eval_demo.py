@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 from hydra import compose, initialize_config_dir
@@ -76,6 +77,7 @@ def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
         out["psnr_db"] = float(np.mean([min(demo_eval.psnr(a, b), 100.0) for a, b in zip(videos, ref)]))
         out["ssim"] = float(np.mean([demo_eval.ssim(a, b) for a, b in zip(videos, ref)]))
         out["uncached_seconds"] = ref_seconds
+    out["motion_counts"] = dict(sorted(Counter(item["motion_pred"] for item in result["per_item"]).items()))
     out["per_item"] = [
         {"caption": c, **{k: v for k, v in item.items() if k in ("ok", "motion_pred", "shape_pred", "colour_ok")}}
         for c, item in zip(caps, result["per_item"])
@@ -100,6 +102,7 @@ def main(argv=None) -> None:
     if "psnr_db" in res:
         line += f", PSNR {res['psnr_db']:.2f} dB, SSIM {res['ssim']:.4f} vs uncached ({res['uncached_seconds']:.1f} s)"
     print(line)
+    print("motion read as: " + ", ".join(f"{k} {v}" for k, v in res["motion_counts"].items()))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=2)

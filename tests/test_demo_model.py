@@ -49,3 +49,6 @@ def test_shipped_model_draws_the_captioned_colour(shipped):
     res = evaluate(cfg)
     assert res["captions"] == len(HELDOUT_CAPTIONS)
     assert res["accuracy_colour"] >= 0.8
+    counts = res["motion_counts"]
+    assert sum(counts.values()) == len(HELDOUT_CAPTIONS)
+    assert set(counts) <= {"left", "right", "up", "down", "still", "unclear"}
