@@ -41,8 +41,8 @@ class STDiT3Config:
     qk_norm: bool = True
     # Off in Open-Sora 1.2 (RoPE alone orders frames, and its causal VAE makes the first latent frame
     # distinct). A parameter-free sin-cos embedding of the frame index added to the input tokens, as
-    # Open-Sora 1.0's STDiT had, for pixel-space models: from i.i.d. noise, frames are otherwise
-    # interchangeable, so "moves left" cannot be drawn right at the start and left at the end.
+    # Open-Sora 1.0's STDiT had, for pixel-space models: from i.i.d. noise, RoPE alone tells frames
+    # apart only near the clip's ends, and "moves left" must be drawn right early and left late.
     temporal_pos_embed: bool = False
     class_dropout_prob: float = 0.1  # training only: the probability of the null caption
 
