@@ -41,8 +41,8 @@ class DemoArch:
     text_depth: int = 2
     text_heads: int = 4
     max_length: int = 16
-    # Frame-index embedding (see STDiT3Config); off in the shipped model. Tried on: by step 2600 the
-    # direction word still did not change the output (README, "The demo model").
+    # Frame-index embedding (see STDiT3Config); off in the shipped model. Tried on for the whole
+    # 4000-step recipe: the direction word still did not change the output (README, "The demo model").
     temporal_pos_embed: bool = False
 
 

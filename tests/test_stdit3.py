@@ -172,7 +172,7 @@ def test_temporal_pos_embed_is_off_for_opensora_and_adds_no_keys():
 
 
 def test_only_the_temporal_pos_embed_tells_identical_frames_apart():
-    # Why the demo model needs it: with RoPE alone, frames that are equal stay equal through every
+    # Why a pixel-space model may need it: with RoPE alone, frames that are equal stay equal through every
     # block (attention over identical keys returns the same value), so from i.i.d. noise the model
     # cannot make early and late frames differ systematically.
     x = torch.randn(1, 4, 1, 6, 6).expand(1, 4, 5, 6, 6).contiguous()  # 5 identical frames
