@@ -4,6 +4,12 @@ video against the uncached one with the same seed, and the DiT time of both.
 
     python -m runner.eval_demo                          # uncached, 30 steps, 20 held-out captions
     python -m runner.eval_demo --seeds 2 cache=adacache # any generation override after the flags
+    python -m runner.eval_demo --response-only          # seconds: how each caption word moves t = 1
+
+The caption response compares what the model predicts from pure noise (t = 1, where the sampler
+lays the clip out) for two captions that differ in one word with how the training clips' mean
+differs between them: a gain near 1 and cosine near 1 mean the word is followed from the first
+step; a gain near 0 means the word is ignored there and the layout comes from the noise.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import json
 import sys
 import time
 from collections import Counter
+from functools import lru_cache
 
 import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
 
-from runner import demo_eval
+from runner import demo_data, demo_eval
 from runner.config import Config, register_configs, resolve_device, resolve_dtype
 from runner.demo_data import HELDOUT_CAPTIONS
 from runner.generate import generate_one, prompt_seed
@@ -57,6 +65,69 @@ def run_captions(pipe, cfg: Config, captions, seeds: int):
     return videos, seconds
 
 
+# Pairs of captions differing in one word, all from the training split (magenta and the circle
+# are in no held-out pair with a direction, a colour or each other).
+RESPONSE_PAIRS: tuple[tuple[str, str, str], ...] = tuple(
+    (name, f"a {a} moves {da} on a dark background", f"a {b} moves {db} on a dark background")
+    for name, a, da, b, db in (
+        ("colour", "magenta circle", "right", "yellow circle", "right"),
+        ("shape", "magenta circle", "right", "magenta square", "right"),
+        ("direction left/right", "magenta circle", "left", "magenta circle", "right"),
+        ("direction up/down", "magenta circle", "up", "magenta circle", "down"),
+    )
+)
+
+
+@lru_cache(maxsize=64)
+def data_mean(caption: str, num_frames: int, size: int, samples: int = 400, seed: int = 0) -> torch.Tensor:
+    """Mean training clip (3, T, H, W) in [-1, 1] over random geometries for a caption (cached: do
+    not modify it)."""
+    rng = np.random.default_rng(seed)
+    specs = [demo_data.spec_from_caption(caption, rng) for _ in range(samples)]
+    return demo_data.to_model_range(demo_data.render_batch(specs, num_frames, size)).mean(0)
+
+
+def caption_response(predict_x0, num_frames: int, size: int, pairs=RESPONSE_PAIRS, noises: int = 32,
+                     samples: int = 400, seed: int = 0) -> list[dict]:
+    """For each (name, a, b): gain |m(a) - m(b)| / |d(a) - d(b)| and their cosine, where m is the
+    prediction at t = 1 averaged over `noises` shared noises and d the data mean (`data_mean`).
+
+    predict_x0(captions, z) -> x0 estimate (B, 3, T, H, W) from pure noise z (B, 3, T, H, W).
+    """
+    z = torch.randn((noises, 3, num_frames, size, size), generator=torch.Generator().manual_seed(seed))
+    cache: dict[str, torch.Tensor] = {}
+
+    def model_mean(caption: str) -> torch.Tensor:
+        if caption not in cache:
+            cache[caption] = predict_x0([caption] * noises, z).float().mean(0)
+        return cache[caption]
+
+    out = []
+    for name, a, b in pairs:
+        pred = (model_mean(a) - model_mean(b)).flatten()
+        data = (data_mean(a, num_frames, size, samples, seed) - data_mean(b, num_frames, size, samples, seed)).flatten()
+        out.append({"pair": name, "gain": float(pred.norm() / data.norm()),
+                    "cosine": float(torch.nn.functional.cosine_similarity(pred, data, dim=0))})
+    return out
+
+
+def demo_predict_x0(pipe, fps: float = 24.0):
+    """predict_x0 for a demo pipeline (rectified flow: x_t = (1 - t) x0 + t eps, v = x0 - eps, so at
+    t = 1 the estimate is z + v)."""
+
+    @torch.no_grad()
+    def predict(captions: list[str], z: torch.Tensor) -> torch.Tensor:
+        ids, mask = pipe.tokenizer(captions)
+        ids, mask = ids.to(pipe.device), mask.to(pipe.device)
+        dtype = pipe.dit.x_embedder.proj.weight.dtype
+        zz = z.to(pipe.device, dtype)
+        t = torch.full((len(captions),), 1000.0, device=pipe.device)
+        v = pipe.dit(zz, t, pipe.text(ids, mask).to(dtype), mask, fps=fps, height=z.shape[-2], width=z.shape[-1])
+        return (zz + v).cpu()
+
+    return predict
+
+
 def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
     device = resolve_device(cfg.device)
     pipe = build_pipeline(cfg.model, device, resolve_dtype(cfg.model.dtype, device))
@@ -77,6 +148,8 @@ def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
         out["psnr_db"] = float(np.mean([min(demo_eval.psnr(a, b), 100.0) for a, b in zip(videos, ref)]))
         out["ssim"] = float(np.mean([demo_eval.ssim(a, b) for a, b in zip(videos, ref)]))
         out["uncached_seconds"] = ref_seconds
+    if cfg.height == cfg.width:
+        out["response"] = caption_response(demo_predict_x0(pipe), cfg.num_frames, cfg.height)
     out["motion_counts"] = dict(sorted(Counter(item["motion_pred"] for item in result["per_item"]).items()))
     out["per_item"] = [
         {"caption": c, **{k: v for k, v in item.items() if k in ("ok", "motion_pred", "shape_pred", "colour_ok")}}
@@ -89,10 +162,39 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=1, help="seeds per caption")
     ap.add_argument("--json", help="also write the result to this file")
+    ap.add_argument("--response-only", action="store_true",
+                    help="only the caption response at t = 1 (no sampling, seconds)")
     ap.add_argument("overrides", nargs="*", help="generation overrides, e.g. sampler.num_steps=30")
     args = ap.parse_args(argv)
     cfg = compose_config(["progress=false", *args.overrides])
-    res = evaluate(cfg, args.seeds)
+    if cfg.model.family != "demo":
+        raise SystemExit("eval_demo scores the demo model family (model=demo)")
+    if args.response_only:
+        res = {"response": response(cfg)}
+        print_response(res["response"])
+    else:
+        res = evaluate(cfg, args.seeds)
+        print_result(res)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2)
+
+
+def response(cfg: Config) -> list[dict]:
+    device = resolve_device(cfg.device)
+    pipe = build_pipeline(cfg.model, device, resolve_dtype(cfg.model.dtype, device))
+    if cfg.height != cfg.width:
+        raise SystemExit("the caption response needs square frames")
+    return caption_response(demo_predict_x0(pipe), cfg.num_frames, cfg.height)
+
+
+def print_response(rows: list[dict]) -> None:
+    print("caption response at t = 1 (model / training data; 1 and 1 = followed, 0 = ignored):")
+    for r in rows:
+        print(f"  {r['pair']:<22} gain {r['gain']:.3f}  cosine {r['cosine']:+.3f}")
+
+
+def print_result(res: dict) -> None:
     for item in res["per_item"]:
         mark = "ok  " if item["ok"] else "FAIL"
         print(f"{mark} {item['caption']:<50} motion={item['motion_pred']:<8} shape={item['shape_pred']}")
@@ -103,9 +205,8 @@ def main(argv=None) -> None:
         line += f", PSNR {res['psnr_db']:.2f} dB, SSIM {res['ssim']:.4f} vs uncached ({res['uncached_seconds']:.1f} s)"
     print(line)
     print("motion read as: " + ", ".join(f"{k} {v}" for k, v in res["motion_counts"].items()))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=2)
+    if "response" in res:
+        print_response(res["response"])
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from models.stdit3 import STDiT3Config, build_stdit3
 from models.text_tiny import TinyTextConfig, TinyTextEncoder, WordTokenizer
 from runner import demo_data
+from runner.eval_demo import caption_response, demo_predict_x0
 from runner.pipeline import DemoPipeline, save_demo_dir
 from runner.sampler import shift_timestep
 
@@ -165,9 +166,15 @@ def save(pipe: DemoPipeline, ema: EMA, cfg: TrainConfig, step: int, loss: float,
     shutil.rmtree(tmp, ignore_errors=True)
     ema.swap()
     try:
+        # How far the caption words steer the layout from pure noise (eval_demo's probe, seconds):
+        # the direction gain is what a run must raise for the held-out captions to move as captioned.
+        response = caption_response(demo_predict_x0(pipe), cfg.num_frames, cfg.size, noises=16)
+        print(f"step {step} caption response at t = 1 (gain/cosine): "
+              + ", ".join(f"{r['pair']} {r['gain']:.2f}/{r['cosine']:+.2f}" for r in response), file=sys.stderr)
         save_demo_dir(tmp, pipe, {"training": {
             "recipe": "python -m runner.train_demo", "step": step, "ema_loss": loss,
             "train_seconds": round(seconds, 1), "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+            "response": response,
         }})
     finally:
         ema.swap()

@@ -52,3 +52,6 @@ def test_shipped_model_draws_the_captioned_colour(shipped):
     counts = res["motion_counts"]
     assert sum(counts.values()) == len(HELDOUT_CAPTIONS)
     assert set(counts) <= {"left", "right", "up", "down", "still", "unclear"}
+    # the caption response at t = 1 is reported; the colour word steers the layout
+    rows = {r["pair"]: r for r in res["response"]}
+    assert rows["colour"]["gain"] > 0.5 and rows["colour"]["cosine"] > 0.5

@@ -46,6 +46,13 @@ def test_resume_continues_bit_exactly_and_the_checkpoint_generates(tmp_path):
     assert any(not torch.equal(first[k], b[k]) for k in b)  # the resumed steps did train
     pipe = build_pipeline(ModelConfig(family="demo", weights=full), torch.device("cpu"), torch.float32)
     assert not pipe.random_weights
+    # each save records the caption response of the weights it writes
+    import json
+
+    with open(os.path.join(full, "config.json")) as f:
+        response = json.load(f)["training"]["response"]
+    assert [r["pair"] for r in response] == ["colour", "shape", "direction left/right", "direction up/down"]
+    assert all(r["gain"] > 0 and -1 <= r["cosine"] <= 1 for r in response)
     cond = pipe.encode_text(["a red circle moves left on a dark background"])
     z = torch.randn(2, 3, 4, 16, 16)
     out = pipe.dit(z, torch.full((2,), 500.0), cond.y, cond.mask, fps=24, height=16, width=16)
