@@ -185,9 +185,17 @@ class ClipSpec:
 RADIUS_RANGE = (0.13, 0.18)
 TRAVEL_RANGE = (0.40, 0.50)
 MARGIN = 0.05
+# Where a moving shape starts along its motion axis: "anywhere" its path fits, or "edge": within
+# EDGE_BAND of the far edge, travelling EDGE_TRAVEL_RANGE (towards, at most a little past, the
+# centre). With "anywhere" the mean "left" and "right" clips hold the same colour in the same places
+# in opposite frame order; with "edge" "left" also means "on the right", a part of the caption's
+# effect that depends on the word and the position only, which a model picks up first (README).
+STARTS: tuple[str, ...] = ("anywhere", "edge")
+EDGE_BAND = 0.05
+EDGE_TRAVEL_RANGE = (0.30, 0.35)
 
 
-def sample_spec(rng: np.random.Generator, split: str = "train") -> ClipSpec:
+def sample_spec(rng: np.random.Generator, split: str = "train", start: str = "anywhere") -> ClipSpec:
     """Draw a random spec. split="train" never yields a held-out combination; "heldout" only does.
 
     The heldout split draws from every held-out combination, including still ones, although
@@ -201,24 +209,33 @@ def sample_spec(rng: np.random.Generator, split: str = "train") -> ClipSpec:
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     colour, shape, motion = combos[rng.integers(len(combos))]
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    return ClipSpec(colour, shape, motion, background, **_sample_geometry(rng, motion))
+    return ClipSpec(colour, shape, motion, background, **_sample_geometry(rng, motion, start))
 
 
-def _sample_geometry(rng: np.random.Generator, motion: str) -> dict[str, float]:
+def _sample_geometry(rng: np.random.Generator, motion: str, start: str = "anywhere") -> dict[str, float]:
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, not {start!r}")
     radius = rng.uniform(*RADIUS_RANGE)
-    travel = 0.0 if motion == "still" else rng.uniform(*TRAVEL_RANGE)
+    travel = 0.0 if motion == "still" else rng.uniform(*(EDGE_TRAVEL_RANGE if start == "edge" else TRAVEL_RANGE))
     lo, hi = radius + MARGIN, 1.0 - radius - MARGIN
     dx, dy = DIRECTIONS[motion]
-    # Along the motion axis the start leaves room for the whole path; across it, anywhere.
-    x0 = rng.uniform(lo - min(dx, 0) * travel, hi - max(dx, 0) * travel)
-    y0 = rng.uniform(lo - min(dy, 0) * travel, hi - max(dy, 0) * travel)
+
+    def along(d: int) -> float:
+        if d == 0:  # across the motion axis (or still): anywhere
+            return rng.uniform(lo, hi)
+        if start == "edge":
+            return rng.uniform(hi - EDGE_BAND, hi) if d < 0 else rng.uniform(lo, lo + EDGE_BAND)
+        return rng.uniform(lo - min(d, 0) * travel, hi - max(d, 0) * travel)  # room for the whole path
+
+    x0 = along(dx)
+    y0 = along(dy)
     phase = rng.uniform(0, 2 * np.pi)
     return {"x0": float(x0), "y0": float(y0), "radius": float(radius), "travel": float(travel),
             "texture_phase": float(phase)}
 
 
 def spec_from_caption(
-    caption: str, rng: np.random.Generator | None = None, background: str = "dark"
+    caption: str, rng: np.random.Generator | None = None, background: str = "dark", start: str = "anywhere"
 ) -> ClipSpec:
     """A spec matching a caption, with random geometry from rng (centred path without one).
 
@@ -230,7 +247,7 @@ def spec_from_caption(
     bg = p["background"] or background
     motion = p["motion"]
     if rng is not None:
-        return ClipSpec(p["colour"], p["shape"], motion, bg, **_sample_geometry(rng, motion))
+        return ClipSpec(p["colour"], p["shape"], motion, bg, **_sample_geometry(rng, motion, start))
     travel = 0.0 if motion == "still" else float(np.mean(TRAVEL_RANGE))
     dx, dy = DIRECTIONS[motion]
     return ClipSpec(p["colour"], p["shape"], motion, bg,
@@ -336,9 +353,10 @@ def make_batch(
     num_frames: int = 16,
     size: int = 32,
     split: str = "train",
+    start: str = "anywhere",
 ) -> tuple[torch.Tensor, list[str]]:
     """(video float32 (B, 3, T, H, W) in [-1, 1], captions) for random specs of a split."""
-    specs = [sample_spec(rng, split) for _ in range(batch_size)]
+    specs = [sample_spec(rng, split, start) for _ in range(batch_size)]
     return to_model_range(render_batch(specs, num_frames, size)), [s.caption for s in specs]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -35,8 +36,6 @@ from runner.video import to_uint8
 
 
 def compose_config(overrides: list[str]) -> Config:
-    import os
-
     from omegaconf import OmegaConf
 
     register_configs()
@@ -79,16 +78,17 @@ RESPONSE_PAIRS: tuple[tuple[str, str, str], ...] = tuple(
 
 
 @lru_cache(maxsize=64)
-def data_mean(caption: str, num_frames: int, size: int, samples: int = 400, seed: int = 0) -> torch.Tensor:
+def data_mean(caption: str, num_frames: int, size: int, samples: int = 400, seed: int = 0,
+              start: str = "anywhere") -> torch.Tensor:
     """Mean training clip (3, T, H, W) in [-1, 1] over random geometries for a caption (cached: do
-    not modify it)."""
+    not modify it). `start`: the training data's `demo_data.STARTS` setting."""
     rng = np.random.default_rng(seed)
-    specs = [demo_data.spec_from_caption(caption, rng) for _ in range(samples)]
+    specs = [demo_data.spec_from_caption(caption, rng, start=start) for _ in range(samples)]
     return demo_data.to_model_range(demo_data.render_batch(specs, num_frames, size)).mean(0)
 
 
 def caption_response(predict_x0, num_frames: int, size: int, pairs=RESPONSE_PAIRS, noises: int = 32,
-                     samples: int = 400, seed: int = 0) -> list[dict]:
+                     samples: int = 400, seed: int = 0, start: str = "anywhere") -> list[dict]:
     """For each (name, a, b): gain |m(a) - m(b)| / |d(a) - d(b)| and their cosine, where m is the
     prediction at t = 1 averaged over `noises` shared noises and d the data mean (`data_mean`).
 
@@ -105,7 +105,8 @@ def caption_response(predict_x0, num_frames: int, size: int, pairs=RESPONSE_PAIR
     out = []
     for name, a, b in pairs:
         pred = (model_mean(a) - model_mean(b)).flatten()
-        data = (data_mean(a, num_frames, size, samples, seed) - data_mean(b, num_frames, size, samples, seed)).flatten()
+        data = (data_mean(a, num_frames, size, samples, seed, start)
+                - data_mean(b, num_frames, size, samples, seed, start)).flatten()
         out.append({"pair": name, "gain": float(pred.norm() / data.norm()),
                     "cosine": float(torch.nn.functional.cosine_similarity(pred, data, dim=0))})
     return out
@@ -149,7 +150,7 @@ def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
         out["ssim"] = float(np.mean([demo_eval.ssim(a, b) for a, b in zip(videos, ref)]))
         out["uncached_seconds"] = ref_seconds
     if cfg.height == cfg.width:
-        out["response"] = caption_response(demo_predict_x0(pipe), cfg.num_frames, cfg.height)
+        out["response"] = caption_response(demo_predict_x0(pipe), cfg.num_frames, cfg.height, start=trained_start(pipe))
     out["motion_counts"] = dict(sorted(Counter(item["motion_pred"] for item in result["per_item"]).items()))
     out["per_item"] = [
         {"caption": c, **{k: v for k, v in item.items() if k in ("ok", "motion_pred", "shape_pred", "colour_ok")}}
@@ -185,7 +186,16 @@ def response(cfg: Config) -> list[dict]:
     pipe = build_pipeline(cfg.model, device, resolve_dtype(cfg.model.dtype, device))
     if cfg.height != cfg.width:
         raise SystemExit("the caption response needs square frames")
-    return caption_response(demo_predict_x0(pipe), cfg.num_frames, cfg.height)
+    return caption_response(demo_predict_x0(pipe), cfg.num_frames, cfg.height, start=trained_start(pipe))
+
+
+def trained_start(pipe) -> str:
+    """The `data_start` the checkpoint was trained with (its config.json), else "anywhere"."""
+    path = os.path.join(pipe.source, "config.json") if isinstance(pipe.source, str) else ""
+    if not os.path.isfile(path):
+        return "anywhere"
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("training", {}).get("config", {}).get("data_start", "anywhere")
 
 
 def print_response(rows: list[dict]) -> None:

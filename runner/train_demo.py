@@ -64,6 +64,12 @@ class TrainConfig:
     # (direction is decided nearest to pure noise).
     t_shift: list[float] = field(default_factory=lambda: [3.0, 8.0])
     t_shift_from: list[int] = field(default_factory=lambda: [1600, 3600])
+    # High-noise phase: for steps < t_uniform_until every t ~ U[t_uniform_min, 1], from then on a
+    # t_uniform_share of each batch (the rest as above). The caption decides the layout only there.
+    t_uniform_until: int = 0
+    t_uniform_min: float = 0.9
+    t_uniform_share: float = 0.0
+    data_start: str = "anywhere"  # demo_data.STARTS: where a moving shape starts on its axis
     num_frames: int = 8
     size: int = 32
     seed: int = 0
@@ -115,17 +121,26 @@ def shift_ratio(cfg: TrainConfig, step: int) -> float:
     return ratio
 
 
+def sample_t(cfg: TrainConfig, step: int, b: int, gen: torch.Generator) -> torch.Tensor:
+    """Logit-normal t shifted by the step's ratio, or U[t_uniform_min, 1] (see TrainConfig)."""
+    t = shift_timestep(torch.sigmoid(torch.randn(b, generator=gen)), shift_ratio(cfg, step), num_timesteps=1)
+    share = 1.0 if step < cfg.t_uniform_until else cfg.t_uniform_share
+    if share > 0:  # no extra draws otherwise, so recipes without the phase are unchanged
+        high = cfg.t_uniform_min + (1 - cfg.t_uniform_min) * torch.rand(b, generator=gen)
+        t = torch.where(torch.rand(b, generator=gen) < share, high, t)
+    return t
+
+
 def rf_loss(pipe: DemoPipeline, x0: torch.Tensor, captions: list[str], cfg: TrainConfig, gen: torch.Generator,
-            t_shift: float = 1.0):
-    """Rectified flow: x_t = (1 - t) x0 + t eps, the model predicts v = x0 - eps; t ~ logit-normal,
-    shifted towards noise by t_shift."""
+            step: int = 0):
+    """Rectified flow: x_t = (1 - t) x0 + t eps, the model predicts v = x0 - eps; t from `sample_t`."""
     b = x0.shape[0]
     ids, mask = pipe.tokenizer(captions)
     y = pipe.text(ids, mask)
     drop = torch.rand(b, generator=gen) < cfg.cfg_dropout
     null = pipe.dit.null_caption[: y.shape[1]][None].expand_as(y)
     y = torch.where(drop[:, None, None], null, y)
-    t = shift_timestep(torch.sigmoid(torch.randn(b, generator=gen)), t_shift, num_timesteps=1)
+    t = sample_t(cfg, step, b, gen)
     eps = torch.randn(x0.shape, generator=gen)
     tb = t[:, None, None, None, None]
     xt = (1 - tb) * x0 + tb * eps
@@ -168,7 +183,8 @@ def save(pipe: DemoPipeline, ema: EMA, cfg: TrainConfig, step: int, loss: float,
     try:
         # How far the caption words steer the layout from pure noise (eval_demo's probe, seconds):
         # the direction gain is what a run must raise for the held-out captions to move as captioned.
-        response = caption_response(demo_predict_x0(pipe), cfg.num_frames, cfg.size, noises=16)
+        response = caption_response(demo_predict_x0(pipe), cfg.num_frames, cfg.size, noises=16,
+                                    start=cfg.data_start)
         print(f"step {step} caption response at t = 1 (gain/cosine): "
               + ", ".join(f"{r['pair']} {r['gain']:.2f}/{r['cosine']:+.2f}" for r in response), file=sys.stderr)
         save_demo_dir(tmp, pipe, {"training": {
@@ -193,6 +209,10 @@ def state_path(cfg: TrainConfig) -> str:
 def train(cfg: TrainConfig) -> dict:
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
+    if cfg.data_start not in demo_data.STARTS:
+        raise ValueError(f"data_start must be one of {demo_data.STARTS}, not {cfg.data_start!r}")
+    if not (0 <= cfg.t_uniform_min < 1 and 0 <= cfg.t_uniform_share <= 1):
+        raise ValueError("t_uniform_min must be in [0, 1) and t_uniform_share in [0, 1]")
     pipe = build_demo(cfg.arch, cfg.seed)
     modules = [pipe.dit, pipe.text]
     params = [p for m in modules for p in m.parameters()]
@@ -224,8 +244,8 @@ def train(cfg: TrainConfig) -> dict:
         lr = learning_rate(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        x0, captions = demo_data.make_batch(rng, cfg.batch_size, cfg.num_frames, cfg.size, split="train")
-        loss = rf_loss(pipe, x0, captions, cfg, gen, shift_ratio(cfg, step))
+        x0, captions = demo_data.make_batch(rng, cfg.batch_size, cfg.num_frames, cfg.size, "train", cfg.data_start)
+        loss = rf_loss(pipe, x0, captions, cfg, gen, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

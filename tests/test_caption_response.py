@@ -16,20 +16,25 @@ def _by_pair(rows):
     return {r["pair"]: r for r in rows}
 
 
-def test_a_model_that_predicts_each_captions_data_mean_scores_one():
+@pytest.mark.parametrize("start", dd.STARTS)
+def test_a_model_that_predicts_each_captions_data_mean_scores_one(start):
     # Its means come from other random geometries than the probe's (seed 1 vs 0), so this also
     # checks that 400 samples make the data side stable.
     means = {}
 
     def oracle(captions, z):
         if captions[0] not in means:
-            means[captions[0]] = data_mean(captions[0], T, SIZE, seed=1)
+            means[captions[0]] = data_mean(captions[0], T, SIZE, seed=1, start=start)
         return means[captions[0]].expand(z.shape[0], -1, -1, -1, -1) + 0.0 * z
 
-    rows = _by_pair(caption_response(oracle, T, SIZE, noises=4))
+    rows = _by_pair(caption_response(oracle, T, SIZE, noises=4, start=start))
     assert set(rows) == {name for name, _, _ in RESPONSE_PAIRS}
     for r in rows.values():
         assert r["gain"] == pytest.approx(1.0, abs=0.15) and r["cosine"] > 0.9
+    if start == "edge":
+        # judged against the other data, the same model falls short on direction
+        other = _by_pair(caption_response(oracle, T, SIZE, noises=4))
+        assert other["direction left/right"]["cosine"] < 0.8
 
 
 def test_a_model_blind_to_the_direction_word_scores_zero_on_direction_only():

@@ -152,3 +152,38 @@ def _timed(fn):
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def test_edge_start_puts_moving_shapes_near_the_far_edge():
+    rng = np.random.default_rng(11)
+    specs = [dd.sample_spec(rng, "train", start="edge") for _ in range(300)]
+    moving = [s for s in specs if s.motion != "still"]
+    assert len(moving) > 150
+    for s in moving:
+        dx, dy = dd.DIRECTIONS[s.motion]
+        lo, hi = s.radius + dd.MARGIN, 1 - s.radius - dd.MARGIN
+        along = s.x0 if dx else s.y0
+        d = dx or dy
+        # starts within the band next to the edge it moves away from; the path fits in the frame
+        assert (hi - dd.EDGE_BAND <= along <= hi) if d < 0 else (lo <= along <= lo + dd.EDGE_BAND)
+        assert dd.EDGE_TRAVEL_RANGE[0] <= s.travel <= dd.EDGE_TRAVEL_RANGE[1]
+        s.validate()
+    dd.render_batch(moving[:8], 8, 32)
+    with pytest.raises(ValueError, match="start must be one of"):
+        dd.sample_spec(rng, "train", start="middle")
+
+
+def test_default_start_is_anywhere_and_edge_start_gives_direction_a_placement():
+    a, b = np.random.default_rng(4), np.random.default_rng(4)
+    assert [dd.sample_spec(a) for _ in range(20)] == [dd.sample_spec(b, "train", "anywhere") for _ in range(20)]
+
+    def mean_clip(caption, start):
+        rng = np.random.default_rng(0)
+        specs = [dd.spec_from_caption(caption, rng, start=start) for _ in range(200)]
+        return dd.to_model_range(dd.render_batch(specs, 8, 16)).mean(0)
+
+    left, right = "a green circle moves left", "a green circle moves right"
+    for start, placed in (("anywhere", False), ("edge", True)):
+        diff = mean_clip(left, start) - mean_clip(right, start)
+        frame_avg = diff.mean(1).norm() / diff.norm()
+        assert (frame_avg > 0.2) if placed else (frame_avg < 1e-4)

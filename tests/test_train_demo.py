@@ -9,7 +9,7 @@ from models.loading import read_safetensors
 from runner.config import ModelConfig
 from runner.pipeline import build_pipeline
 from runner.sampler import shift_timestep
-from runner.train_demo import DemoArch, TrainConfig, learning_rate, shift_ratio, train
+from runner.train_demo import DemoArch, TrainConfig, learning_rate, sample_t, shift_ratio, train
 
 # Constant lr (the decay depends on the total steps, which a resumed run must keep), so a 2-step run
 # can be continued to 4 and compared with a 4-step one.
@@ -95,3 +95,26 @@ def test_recipe_defaults_are_those_of_the_shipped_checkpoint():
     assert [learning_rate(ours, s) for s in steps] == [learning_rate(shipped_cfg, s) for s in steps]
     assert [shift_ratio(ours, s) for s in steps] == [shift_ratio(shipped_cfg, s) for s in steps]
     assert dataclasses.asdict(ours).keys() == dataclasses.asdict(shipped_cfg).keys()
+
+
+def test_timesteps_high_noise_phase_then_share():
+    def draw(cfg, step, seed=0, b=4000):
+        return sample_t(cfg, step, b, torch.Generator().manual_seed(seed))
+
+    plain = TrainConfig(t_shift=[3.0], t_shift_from=[0])
+    # without the phase: exactly the shifted logit-normal t (the recipe's draws are unchanged)
+    expected = shift_timestep(torch.sigmoid(torch.randn(4000, generator=torch.Generator().manual_seed(0))), 3.0,
+                              num_timesteps=1)
+    assert torch.equal(draw(plain, 5), expected)
+    cfg = TrainConfig(t_shift=[3.0], t_shift_from=[0], t_uniform_until=10, t_uniform_min=0.9, t_uniform_share=0.25)
+    phase = draw(cfg, 9)
+    assert phase.min() >= 0.9 and phase.max() <= 1.0 and abs(phase.mean().item() - 0.95) < 0.005
+    after = draw(cfg, 10)
+    share_high = (after >= 0.9).float().mean().item()
+    plain_high = (expected >= 0.9).float().mean().item()
+    # a quarter drawn from U[0.9, 1], the rest logit-normal (of which plain_high lie above 0.9 too)
+    assert abs(share_high - (0.25 + 0.75 * plain_high)) < 0.03
+    with pytest.raises(ValueError, match="t_uniform"):
+        train(TrainConfig(**{**TINY, "t_uniform_share": 1.5}, steps=1))
+    with pytest.raises(ValueError, match="data_start"):
+        train(TrainConfig(**{**TINY, "data_start": "middle"}, steps=1))
