@@ -31,7 +31,8 @@ MIN_NEIGHBOURS = 2
 # smallest generated shape covers ~3.4%), and present in the video when in this share of frames.
 MIN_AREA_FRACTION = 0.01
 MIN_PRESENT_FRAMES = 0.75
-# Motion thresholds, in frame fractions travelled over the whole clip (generated: 0.40 to 0.50).
+# Motion thresholds, in frame fractions travelled over the whole clip (generated: 0.40 to 0.50,
+# or 0.30 to 0.35 with demo_data's edge starts).
 STILL_MAX = 0.10  # both axes below: still
 MOVE_MIN = 0.20  # dominant axis at least this to count as moving
 CROSS_MAX = 0.5  # cross-axis displacement at most this share of the dominant one

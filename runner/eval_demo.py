@@ -129,9 +129,13 @@ def demo_predict_x0(pipe, fps: float = 24.0):
     return predict
 
 
-def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
+def load_pipeline(cfg: Config):
     device = resolve_device(cfg.device)
-    pipe = build_pipeline(cfg.model, device, resolve_dtype(cfg.model.dtype, device))
+    return build_pipeline(cfg.model, device, resolve_dtype(cfg.model.dtype, device))
+
+
+def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
+    pipe = load_pipeline(cfg)
     videos, seconds = run_captions(pipe, cfg, captions, seeds)
     caps = [c for _ in range(seeds) for c in captions]
     result = demo_eval.score(videos, caps)
@@ -182,16 +186,15 @@ def main(argv=None) -> None:
 
 
 def response(cfg: Config) -> list[dict]:
-    device = resolve_device(cfg.device)
-    pipe = build_pipeline(cfg.model, device, resolve_dtype(cfg.model.dtype, device))
     if cfg.height != cfg.width:
         raise SystemExit("the caption response needs square frames")
+    pipe = load_pipeline(cfg)
     return caption_response(demo_predict_x0(pipe), cfg.num_frames, cfg.height, start=trained_start(pipe))
 
 
 def trained_start(pipe) -> str:
     """The `data_start` the checkpoint was trained with (its config.json), else "anywhere"."""
-    path = os.path.join(pipe.source, "config.json") if isinstance(pipe.source, str) else ""
+    path = os.path.join(pipe.source, "config.json")  # source: a directory, or "random"/"trained"
     if not os.path.isfile(path):
         return "anywhere"
     with open(path, encoding="utf-8") as f:
