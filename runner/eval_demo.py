@@ -64,6 +64,18 @@ def run_captions(pipe, cfg: Config, captions, seeds: int):
     return videos, seconds
 
 
+def training_captions(n: int = 20, seed: int = 123) -> tuple[str, ...]:
+    """n distinct moving captions of the training split, a fixed draw: for choosing sampler
+    settings without looking at the held-out captions."""
+    rng = np.random.default_rng(seed)
+    captions: list[str] = []
+    while len(captions) < n:
+        spec = demo_data.sample_spec(rng, "train")
+        if spec.motion != "still" and spec.caption not in captions:
+            captions.append(spec.caption)
+    return tuple(captions)
+
+
 # Pairs of captions differing in one word, all from the training split (magenta and the circle
 # are in no held-out pair with a direction, a colour or each other).
 RESPONSE_PAIRS: tuple[tuple[str, str, str], ...] = tuple(
@@ -166,6 +178,8 @@ def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=1, help="seeds per caption")
+    ap.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                    help="the held-out captions (the score), or 20 training-split ones (for tuning)")
     ap.add_argument("--json", help="also write the result to this file")
     ap.add_argument("--response-only", action="store_true",
                     help="only the caption response at t = 1 (no sampling, seconds)")
@@ -178,8 +192,9 @@ def main(argv=None) -> None:
         res = {"response": response(cfg)}
         print_response(res["response"])
     else:
-        res = evaluate(cfg, args.seeds)
-        print_result(res)
+        heldout = args.split == "heldout"
+        res = evaluate(cfg, args.seeds, HELDOUT_CAPTIONS if heldout else training_captions())
+        print_result(res, "held-out captions" if heldout else "training-split captions")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=2)
@@ -207,11 +222,11 @@ def print_response(rows: list[dict]) -> None:
         print(f"  {r['pair']:<22} gain {r['gain']:.3f}  cosine {r['cosine']:+.3f}")
 
 
-def print_result(res: dict) -> None:
+def print_result(res: dict, label: str = "held-out captions") -> None:
     for item in res["per_item"]:
         mark = "ok  " if item["ok"] else "FAIL"
         print(f"{mark} {item['caption']:<50} motion={item['motion_pred']:<8} shape={item['shape_pred']}")
-    line = (f"held-out captions: {res['captions']}, colour+direction accuracy {res['accuracy_colour_motion']:.1%}, "
+    line = (f"{label}: {res['captions']}, colour+direction accuracy {res['accuracy_colour_motion']:.1%}, "
             f"colour alone {res['accuracy_colour']:.1%}, "
             f"shape accuracy {res['accuracy_shape']:.1%}, generation {res['generation_seconds']:.1f} s")
     if "psnr_db" in res:

@@ -229,3 +229,15 @@ def test_colour_accuracy_is_scored_apart_from_motion():
     other = {c: next(o for o in dd.COLOURS if o != c) for c in dd.COLOURS}
     wrong_colour = de.score(list(clips), [_with(s, colour=other[s.colour]) for s in specs])
     assert wrong_colour["accuracy_colour"] == 0.0
+
+
+def test_training_split_captions_for_tuning_are_fixed_moving_and_not_held_out():
+    from runner.eval_demo import training_captions
+
+    caps = training_captions()
+    assert caps == training_captions() and len(set(caps)) == 20
+    for c in caps:
+        p = dd.parse_caption(c)
+        assert p["motion"] in OPPOSITE and not dd.is_heldout(p["colour"], p["shape"], p["motion"])
+    assert not set(caps) & set(dd.HELDOUT_CAPTIONS)
+    assert training_captions(seed=124) != caps
