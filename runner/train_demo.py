@@ -42,34 +42,36 @@ class DemoArch:
     text_depth: int = 2
     text_heads: int = 4
     max_length: int = 16
-    # Frame-index embedding (see STDiT3Config); off in the shipped model. Tried on for the whole
-    # 4000-step recipe: the direction word still did not change the output (README, "The demo model").
-    temporal_pos_embed: bool = False
+    # Frame-index embedding (see STDiT3Config): RoPE-only temporal attention sees frame offsets, not
+    # which frame is early, and "moves left" needs that (README, "The demo model").
+    temporal_pos_embed: bool = True
 
 
 @dataclass
 class TrainConfig:
     arch: DemoArch = field(default_factory=DemoArch)
-    steps: int = 4000
+    steps: int = 5000
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 100
-    decay_steps: int = 0  # linear decay of the lr to 0 over the last decay_steps steps (0: constant)
+    decay_steps: int = 1000  # linear decay of the lr to 0 over the last decay_steps steps (0: constant)
     ema_decay: float = 0.998
     cfg_dropout: float = 0.1  # probability of training on the null caption (for CFG)
     # Timestep shift t' = r t / (1 + (r - 1) t) of the logit-normal t (Open-Sora's transform with a
     # fixed ratio): pixels are redundant, so layout and motion are decided at high noise and need
     # samples there. Ratio t_shift[i] applies from step t_shift_from[i] on (1 before the first).
-    # The shipped run: unshifted for 1600 steps (its layout stayed patch-wise noise), then 3, then 8
-    # (direction is decided nearest to pure noise).
-    t_shift: list[float] = field(default_factory=lambda: [3.0, 8.0])
-    t_shift_from: list[int] = field(default_factory=lambda: [1600, 3600])
+    # The shipped run: 3 throughout (unshifted, an earlier run's layout stayed patch-wise noise).
+    t_shift: list[float] = field(default_factory=lambda: [3.0])
+    t_shift_from: list[int] = field(default_factory=lambda: [0])
     # High-noise phase: for steps < t_uniform_until every t ~ U[t_uniform_min, 1], from then on a
     # t_uniform_share of each batch (the rest as above). The caption decides the layout only there.
-    t_uniform_until: int = 0
+    # The shipped run: all of the first 1500 steps there, then half of each batch.
+    t_uniform_until: int = 1500
     t_uniform_min: float = 0.9
-    t_uniform_share: float = 0.0
-    data_start: str = "anywhere"  # demo_data.STARTS: where a moving shape starts on its axis
+    t_uniform_share: float = 0.5
+    # demo_data.STARTS: where a moving shape starts on its axis. "edge" (the shipped run): at the
+    # edge it moves away from, so the direction word also says where the shape starts.
+    data_start: str = "edge"
     num_frames: int = 8
     size: int = 32
     seed: int = 0

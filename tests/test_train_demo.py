@@ -89,7 +89,8 @@ def test_recipe_defaults_are_those_of_the_shipped_checkpoint():
     shipped_cfg = TrainConfig(**{**rec, "arch": DemoArch(**rec["arch"])})
     ours = TrainConfig()
     assert ours.steps == shipped["step"]
-    same = ("arch", "batch_size", "lr", "warmup", "ema_decay", "cfg_dropout", "num_frames", "size", "seed")
+    same = ("arch", "batch_size", "lr", "warmup", "ema_decay", "cfg_dropout", "num_frames", "size", "seed",
+            "data_start", "t_uniform_until", "t_uniform_min", "t_uniform_share")
     assert all(getattr(ours, k) == getattr(shipped_cfg, k) for k in same)
     steps = range(ours.steps)
     assert [learning_rate(ours, s) for s in steps] == [learning_rate(shipped_cfg, s) for s in steps]
@@ -101,7 +102,7 @@ def test_timesteps_high_noise_phase_then_share():
     def draw(cfg, step, seed=0, b=4000):
         return sample_t(cfg, step, b, torch.Generator().manual_seed(seed))
 
-    plain = TrainConfig(t_shift=[3.0], t_shift_from=[0])
+    plain = TrainConfig(t_shift=[3.0], t_shift_from=[0], t_uniform_until=0, t_uniform_share=0.0)
     # without the phase: exactly the shifted logit-normal t (the recipe's draws are unchanged)
     expected = shift_timestep(torch.sigmoid(torch.randn(4000, generator=torch.Generator().manual_seed(0))), 3.0,
                               num_timesteps=1)
