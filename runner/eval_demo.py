@@ -130,12 +130,12 @@ def demo_predict_x0(pipe, fps: float = 24.0):
 
     @torch.no_grad()
     def predict(captions: list[str], z: torch.Tensor) -> torch.Tensor:
-        ids, mask = pipe.tokenizer(captions)
-        ids, mask = ids.to(pipe.device), mask.to(pipe.device)
+        cond = pipe.encode_text(captions)  # [cond; null]: the cond half only, no CFG here
         dtype = pipe.dit.x_embedder.proj.weight.dtype
         zz = z.to(pipe.device, dtype)
         t = torch.full((len(captions),), 1000.0, device=pipe.device)
-        v = pipe.dit(zz, t, pipe.text(ids, mask).to(dtype), mask, fps=fps, height=z.shape[-2], width=z.shape[-1])
+        y = cond.y[: len(captions)].to(dtype)
+        v = pipe.dit(zz, t, y, cond.mask, fps=fps, height=z.shape[-2], width=z.shape[-1])
         return (zz + v).cpu()
 
     return predict
