@@ -1,7 +1,8 @@
 """Train the embedded demo model: STDiT3 in pixel space plus its small text encoder, on the
 procedural captioned clips of `runner.demo_data`, with Open-Sora 1.2's rectified-flow objective.
 
-    python -m runner.train_demo                       # the shipped recipe -> assets/demo
+    python -m runner.train_demo                       # the shipped recipe -> runs/train_demo
+    python -m runner.ship_demo runs/train_demo        # once finished: install it as assets/demo
     python -m runner.train_demo steps=200 output_dir=/tmp/demo max_minutes=5
 
 The checkpoint (EMA weights, safetensors + config.json) is written every `save_every` steps and at
@@ -27,9 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from models.stdit3 import STDiT3Config, build_stdit3
 from models.text_tiny import TinyTextConfig, TinyTextEncoder, WordTokenizer
 from runner import demo_data
+from runner.config import UserError
 from runner.eval_demo import caption_response, demo_predict_x0
 from runner.pipeline import DemoPipeline, save_demo_dir
 from runner.sampler import shift_timestep
+from runner.ship_demo import DEFAULT_RUN, check_output_dir
 
 
 @dataclass
@@ -75,7 +78,8 @@ class TrainConfig:
     num_frames: int = 8
     size: int = 32
     seed: int = 0
-    output_dir: str = "assets/demo"
+    # Never the shipped assets/demo (refused): `python -m runner.ship_demo` installs a finished run.
+    output_dir: str = DEFAULT_RUN
     log_every: int = 50
     save_every: int = 200
     max_minutes: float = 0.0  # stop (and save) after this many minutes; 0 = no limit
@@ -209,6 +213,7 @@ def state_path(cfg: TrainConfig) -> str:
 
 
 def train(cfg: TrainConfig) -> dict:
+    check_output_dir(cfg.output_dir)  # before anything is written
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
     if cfg.data_start not in demo_data.STARTS:
@@ -283,7 +288,11 @@ ConfigStore.instance().store(name="train_demo_base", node=TrainConfig)
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train_demo")
 def _hydra_main(dcfg: DictConfig) -> None:
-    train(OmegaConf.to_object(dcfg))
+    try:
+        train(OmegaConf.to_object(dcfg))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main() -> None:
