@@ -32,12 +32,23 @@ class WordTokenizer:
     def words(self, text: str) -> list[str]:
         return re.findall(r"[a-z]+", text.lower())
 
+    def split(self, text: str) -> tuple[list[str], list[str]]:
+        """(kept, dropped): the words that are encoded (max_length - 1 of them: one place is <eos>)
+        and those past them, which are not."""
+        words = self.words(text)
+        return words[: self.max_length - 1], words[self.max_length - 1:]
+
+    def skipped(self, text: str) -> list[str]:
+        """What `words` does not read, apart from spaces and ASCII punctuation: runs of digits,
+        emoji, accented letters, ..."""
+        return re.findall(r"[^a-z\s!-/:-@\[-`{-~]+", text.lower())  # the ranges: ASCII punctuation
+
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids (B, max_length) long, mask (B, max_length) long (1 = valid token)."""
         ids = torch.zeros(len(texts), self.max_length, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, text in enumerate(texts):
-            toks = [self.index.get(w, self.index[UNK]) for w in self.words(text)][: self.max_length - 1]
+            toks = [self.index.get(w, self.index[UNK]) for w in self.split(text)[0]]
             toks.append(self.index[EOS])
             ids[i, : len(toks)] = torch.tensor(toks)
             mask[i, : len(toks)] = 1

@@ -23,12 +23,12 @@ import torch
 
 from models import t5 as t5_module
 from models import vae as vae_module
-from models.caption import prepare_prompts
+from models.caption import prepare_prompt, prepare_prompts
 from models.loading import CheckpointError, load_stdit3
 from models.stdit3 import STDiT3
 from models.vae import OpenSoraVAE, VAEChunk
 from runner.config import DTYPES, ModelConfig, UserError
-from runner.pipeline import Conditioning, PipelineBase, trimmed_conditioning
+from runner.pipeline import Conditioning, PipelineBase, quoted, trimmed_conditioning
 from runner.presets import bf16_round
 
 STDIT3_REPO = "hpcai-tech/OpenSora-STDiT-v3"
@@ -79,6 +79,7 @@ class OpenSoraPipeline(PipelineBase):
         self.aes, self.flow = aes, flow
         self.text_encoder: t5_module.T5TextEncoder | None = None
         self.text_parameters = 0
+        self._t5_tokenizer = None  # for prompt_warnings once T5 is released: the tokenizer alone
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (self.latent_channels, *self.vae.latent_size(num_frames, height, width))
@@ -103,6 +104,39 @@ class OpenSoraPipeline(PipelineBase):
         if self.text_encoder is not None:
             self.text_encoder.release()
             self.text_encoder = None
+
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """One-line warnings about what T5 silently loses of `prompt` as it is encoded (score suffix
+        appended, cleaned): tokens past its 300, characters it reads as <unk>. Tokenizer only."""
+        if self.text_encoder is not None:
+            tok = self.text_encoder.tokenizer
+        else:
+            if self._t5_tokenizer is None:
+                self._t5_tokenizer = t5_module.load_tokenizer(os.path.join(self.weights_dir, "t5"))
+            tok = self._t5_tokenizer
+        limit = self.dit.config.model_max_length  # T5's max_length (see load_text_encoder)
+        text = prepare_prompt(prompt, aes=self.aes, flow=self.flow)
+        content = tok(text, add_special_tokens=False, return_offsets_mapping=tok.is_fast, verbose=False)
+        ids = content["input_ids"]
+        total = len(tok(text, verbose=False)["input_ids"])  # with the </s> that truncation keeps
+        keep = limit - (total - len(ids))
+        out = []
+        if total > limit:
+            head = tok.decode(ids[keep:keep + 8]).strip() + (" ..." if len(ids) > keep + 8 else "")
+            # The score suffix is appended last, so it is the first thing truncation cuts.
+            scored = self.aes is not None or self.flow is not None
+            out.append(f"T5 keeps {limit} tokens and the prompt{' with its score suffix' if scored else ''} has "
+                       f"{total}: the last {total - limit} are dropped, from {head!r} on"
+                       f"{' (the suffix with them)' if scored else ''}")
+        unk = [i for i, t in enumerate(ids) if t == tok.unk_token_id]
+        if unk:
+            if tok.is_fast:
+                what = quoted(list(dict.fromkeys(text[a:b].strip() for a, b in
+                                                 (content["offset_mapping"][i] for i in unk))))
+            else:
+                what = f"{len(unk)} token(s)"
+            out.append(f"characters T5 does not know (read as <unk>): {what}")
+        return out
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Conditioning:

@@ -50,6 +50,12 @@ def trimmed_conditioning(y: torch.Tensor, mask: torch.Tensor, null: torch.Tensor
     return Conditioning(torch.cat([y[:, :n], null], 0), mask[:, :n])
 
 
+def quoted(items: list[str], limit: int = 10) -> str:
+    """'a', 'b', ... for a warning line: at most `limit` items, then how many more."""
+    text = ", ".join(repr(x) for x in items[:limit])
+    return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 class PipelineBase:
     """What every family shares around its STDiT3 (`self.dit`)."""
 
@@ -77,6 +83,24 @@ class DemoPipeline(PipelineBase):
     def conditioning_size(self, height: int, width: int) -> tuple[float, float]:
         """The (height, width) the DiT and the timestep transform are conditioned on: exact here."""
         return float(height), float(width)
+
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """One-line warnings about what the demo text encoder silently loses of `prompt`: words past
+        its length, words it reads as <unk>, characters it skips; [] for a prompt read in full."""
+        tok = self.tokenizer
+        kept, dropped = tok.split(prompt)
+        out = []
+        if dropped:
+            out.append(f"the demo text encoder keeps {len(kept)} words; dropped: {quoted(dropped)}")
+        unknown = [w for w in dict.fromkeys(kept) if w not in tok.index]
+        if unknown:
+            out.append(f"words the demo model does not know (read as <unk>): {quoted(unknown)}")
+        skipped = tok.skipped(prompt)
+        if skipped:
+            out.append(f"the demo text encoder reads only the letters a-z; skipped: {quoted(list(dict.fromkeys(skipped)))}")
+        if not any(w in tok.index for w in kept):
+            out.append("the prompt has no words the demo model knows: the video follows no caption")
+        return out
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Conditioning:

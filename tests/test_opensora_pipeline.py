@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 from hydra.errors import HydraException  # noqa: E402
 
+from models.caption import prepare_prompt  # noqa: E402
 from models.loading import CheckpointError, save_checkpoint  # noqa: E402
 from models.stdit3 import STDiT3Config, build_stdit3  # noqa: E402
 from runner.config import UserError, resolve_presets  # noqa: E402
@@ -87,6 +88,35 @@ def test_encode_text_conditioning_and_t5_released(pipe, weights_dir):
     again = pipe.encode_text(["a cat", "a dog sitting on the mat"])
     torch.testing.assert_close(again.y, cond.y)
     assert pipe.text_encoder is None
+
+
+def test_prompt_warnings_name_t5_truncation_and_unknown_characters(pipe, weights_dir):
+    tok = build_tokenizer()
+
+    def prompt(n):  # n T5 tokens once the aesthetic suffix and </s> are added ("▁cat" is one token)
+        k = n - len(tok(prepare_prompt("", aes=6.5))["input_ids"])
+        return " ".join(["cat"] * k)
+
+    assert len(tok(prepare_prompt(prompt(300), aes=6.5))["input_ids"]) == 300
+    pipe.load_text_encoder()
+    for loaded in (True, False):  # T5's own tokenizer, then (T5 released) the tokenizer alone
+        assert (pipe.text_encoder is not None) == loaded
+        assert pipe.prompt_warnings("a cat sitting on the mat") == []
+        assert pipe.prompt_warnings(prompt(300)) == []
+        assert pipe.prompt_warnings(prompt(305)) == [
+            "T5 keeps 300 tokens and the prompt with its score suffix has 305: the last 5 are dropped, "
+            "from ': 6.5.' on (the suffix with them)"]
+        pipe.release_text_encoder()
+    assert pipe.text_encoder is None  # warnings never load the model
+    # what the warning names is what truncation cuts: 299 tokens and </s> remain
+    full = tok(prepare_prompt(prompt(305), aes=6.5))["input_ids"]
+    kept = tok(prepare_prompt(prompt(305), aes=6.5), max_length=300, truncation=True)["input_ids"]
+    assert kept == full[:299] + [1] and tok.decode(full[299:-1]).strip() == ": 6.5."
+    assert pipe.prompt_warnings("a cat 🦓 on the mat") == ["characters T5 does not know (read as <unk>): '🦓'"]
+    plain = OpenSoraPipeline(pipe.dit, pipe.vae, str(weights_dir), torch.float32, aes=None)
+    assert plain.prompt_warnings(prompt(305)) == []  # 298 tokens without the suffix
+    assert plain.prompt_warnings(" ".join(["cat"] * 310)) == [
+        "T5 keeps 300 tokens and the prompt has 311: the last 11 are dropped, from 'cat cat cat cat cat cat cat cat ...' on"]
 
 
 def test_conditioning_size_is_bf16_rounded_and_reaches_the_dit(pipe, monkeypatch):
