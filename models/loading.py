@@ -81,6 +81,11 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str
             f"the {what} does not fit the model: " + "; ".join(problems)
             + ". Check that the checkpoint and the model configuration are the same architecture."
         )
+    # A NaN or Inf weight makes every output NaN, found only after the last step otherwise.
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"the {what} has NaN or Inf values in {_preview(bad)}; the file is damaged or came "
+                              "from a diverged training run.")
 
 
 def assign_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str = "checkpoint") -> nn.Module:

@@ -7,11 +7,19 @@ load time. `validate` turns impossible values into one `UserError` that says wha
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
+
+
+# The Hydra configs; a path from this file, so the console script finds them from any directory and
+# in an installed (non-editable) package, where conf/ is installed beside runner/.
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
 class UserError(ValueError):
@@ -178,6 +186,9 @@ class Config:
     progress: bool = True
     # Also save the final latent (before decoding) as <name>.latent.pt, for comparisons.
     save_latent: bool = False
+    # Estimate the run's memory and time from its shapes before loading anything (runner/estimate.py):
+    # refuse what cannot fit, warn about what will be very slow. false skips the check.
+    check_memory: bool = True
 
 
 FAMILIES = ("demo", "opensora-v1.2")
@@ -191,13 +202,38 @@ def register_configs() -> None:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes as distinct seeds
+
+
+def device_problem(name: str) -> str | None:
+    if not _DEVICE.fullmatch(name):
+        return f"device={name!r} is not known; use auto, cpu, cuda or cuda:N"
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
+    problem = device_problem(name)
+    if problem:
+        raise UserError(problem + ".")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name} was requested but CUDA is not available; use device=cpu or device=auto.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1} or device=cuda.")
     return dev
+
+
+def check_seeds(seed: int, num_prompts: int) -> None:
+    """Prompt i uses seed + i: every one must be a distinct generator seed (0 to 2^64 - 1)."""
+    lo, hi = SEED_RANGE
+    last = seed + num_prompts - 1
+    if seed < lo or last > hi:
+        span = f"seed={seed}" if num_prompts == 1 else f"seed={seed} (to {last} over {num_prompts} prompts)"
+        raise UserError(f"{span} is outside the generator's range 0 to 2^64-1 = {hi}; choose a smaller seed.")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -220,6 +256,11 @@ def read_prompts(cfg: Config) -> list[str]:
             raise UserError(
                 f"cannot read prompts_file={cfg.prompts_file!r} ({e.strerror}); "
                 "give a readable text file with one prompt per line."
+            ) from None
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"prompts_file={cfg.prompts_file!r} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at "
+                f"offset {e.start}); save it as UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8."
             ) from None
         prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not prompts:
@@ -274,6 +315,15 @@ def validate(cfg: Config) -> None:
         problems.append(f"sampler.num_steps must be >= 1 (got {cfg.sampler.num_steps})")
     if cfg.fps < 1:
         problems.append(f"fps must be >= 1 (got {cfg.fps})")
+    if not math.isfinite(cfg.sampler.cfg_scale):
+        problems.append(f"sampler.cfg_scale must be a finite number (got {cfg.sampler.cfg_scale})")
+    shift = cfg.sampler.timestep_shift
+    if shift is not None and not (math.isfinite(shift) and shift > 0):
+        problems.append(f"sampler.timestep_shift must be a finite number > 0 or null (got {shift})")
+    if cfg.sampler.num_timesteps < 1:
+        problems.append(f"sampler.num_timesteps must be >= 1 (got {cfg.sampler.num_timesteps})")
+    if device_problem(cfg.device):
+        problems.append(device_problem(cfg.device))
     if cfg.sampler.name != "rflow":
         problems.append(f"sampler.name={cfg.sampler.name!r} is not known; use rflow")
     problems += cache_problems(cfg.cache)

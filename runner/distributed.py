@@ -29,7 +29,6 @@ watchdog (parallel/watchdog.py) stops ranks that are not waiting on the failed o
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
@@ -37,7 +36,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from omegaconf import OmegaConf
 
 from models.loading import CheckpointError
 from parallel.comm import Comm, split_range
@@ -45,6 +43,7 @@ from parallel.layouts import LAYOUTS, SequenceParallel, parallelize
 from parallel.mesh import Mesh, ParallelConfig, init_mesh, launch_env
 from parallel.shard import RowShard, row_shard
 from parallel.watchdog import Watchdog, _exit
+from runner.cli import Interrupted
 from runner.config import Config, UserError
 from runner.sampler import guidance
 
@@ -82,9 +81,11 @@ class Parallel:
         return self.mesh.is_group_leader
 
     # ------------------------------------------------------------------ before the loop
-    def prepare(self, pipe, cfg: Config, prompts: list[str], stem: Callable[[int, str], str]) -> None:
+    def prepare(self, pipe, cfg: Config, prompts: list[str], complete: Callable[[int], bool],
+                name: Callable[[int], str]) -> None:
         """Install the layout and check the shapes (local: UserError on any rank), then run the
-        first collective: the group leader's list of videos that already exist complete."""
+        first collective: the group leader's list of videos that already exist complete
+        (`complete(i)`, runner.outputs.is_complete; `name(i)`: the video's name, for the message)."""
         try:
             self.sp = parallelize(pipe.dit, self.mesh, self.comm, self.layout)
             row_shard(pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width), pipe.dit.config.patch_size,
@@ -94,12 +95,12 @@ class Parallel:
         mine = [i for i in range(len(prompts)) if i % self.mesh.dp == self.mesh.dp_rank]
         done = None
         if self.is_writer:
-            done = [i for i in mine if is_complete(stem(i, prompts[i]), prompts[i], cfg)]
+            done = [i for i in mine if complete(i)]
         with self.comm.log.in_phase("startup"):
             done = self.comm.all_gather_object(done, "agree", tag="resume")[0]  # the leader's view
         if self.is_writer:
             for i in done:
-                print(f"skip {os.path.basename(stem(i, prompts[i]))}: video and report exist (resume)", file=sys.stderr)
+                print(f"skip {name(i)}: video and report exist (resume)", file=sys.stderr)
         self.todo = set(mine) - set(done)
 
     def owns(self, index: int) -> bool:
@@ -174,8 +175,11 @@ class Parallel:
 
     def close(self) -> None:
         global _ACTIVE
+        # The watchdog first: finish() joins its thread, which must not still be inside a store call
+        # while the process group and then the interpreter are torn down (SIGABRT at exit, issue 13).
         if self.watchdog is not None:
             self.watchdog.finish()
+            self.watchdog = None
         self.mesh.destroy()
         if _ACTIVE is self:
             _ACTIVE = None
@@ -221,35 +225,6 @@ def setup(cfg: Config) -> Parallel:
     return _ACTIVE
 
 
-# ---------------------------------------------------------------------- resume
-
-# Config keys that do not change the video: a rerun with other values still skips it.
-_NOT_CONTENT = ("parallel", "progress", "output_dir", "prompt", "prompts_file", "save_latent", "device")
-
-
-def _content_config(conf: dict | None) -> dict | None:
-    if not isinstance(conf, dict):
-        return None
-    return {k: v for k, v in conf.items() if k not in _NOT_CONTENT}
-
-
-def is_complete(stem: str, prompt: str, cfg: Config) -> bool:
-    """<stem>.mp4 and <stem>.json exist and the report is for this prompt and these settings (the
-    stem holds the prompt's index, so with the base seed in the settings the seed is the same too)."""
-    if not (os.path.isfile(stem + ".mp4") and os.path.isfile(stem + ".json")):
-        return False
-    if cfg.save_latent and not os.path.isfile(stem + ".latent.pt"):
-        return False
-    try:
-        with open(stem + ".json", encoding="utf-8") as f:
-            rep = json.load(f)
-    except (OSError, ValueError):
-        return False
-    current = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)))
-    return (isinstance(rep, dict) and rep.get("prompt") == prompt
-            and _content_config(rep.get("config")) == _content_config(current))
-
-
 # ---------------------------------------------------------------------- faults
 
 EXPECTED = (UserError, CheckpointError)  # bad input: one paragraph, exit code 2, no traceback
@@ -268,14 +243,24 @@ def _in_collective(e: BaseException) -> bool:
 def exit_on_error(e: BaseException, expected: tuple = EXPECTED) -> None:
     """The CLI's handler for an exception out of `generate`.
 
-    Single process: bad input (`expected`) prints `error: ...` and exits 2; anything else is
-    re-raised (a normal traceback). Before the mesh exists the error is the same on every rank
-    (it depends only on the command line and world size): rank 0 prints it, all exit 2.
-    Distributed: the first rank to fail prints the error (a traceback unless it is bad input)
-    and every failing rank leaves at once with os._exit, 2 for bad input, 1 otherwise.
+    Single process: bad input (`expected`) prints `error: ...` and exits 2; a stop signal
+    (`Interrupted`) prints one line and exits 128 + the signal; anything else is re-raised (a
+    normal traceback). Before the mesh exists the error is the same on every rank (it depends only
+    on the command line and world size): rank 0 prints it, all exit 2.
+    Distributed: the first rank to fail prints the error (a traceback unless it is bad input or a
+    signal) and every failing rank leaves at once with os._exit, 2 for bad input, 128 + the signal
+    for a signal, 1 otherwise.
     """
     par = _ACTIVE
     is_expected = isinstance(e, expected)
+    if isinstance(e, Interrupted):
+        rank = par.mesh.rank if par is not None else launch_env()[0]
+        where = f"[rank {rank}] " if par is not None and par.mesh.is_distributed else ""
+        print(f"stopped: {where}{e.name} received; no partial file is left, finished videos are kept "
+              "(run the same command again to resume)", file=sys.stderr)
+        if par is not None and par.watchdog is not None:
+            par.watchdog.claim_failure()
+        _exit(e.exit_code)
     if par is None or not par.mesh.is_distributed:
         if not is_expected:
             raise e

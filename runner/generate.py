@@ -2,15 +2,16 @@
 
     python -m runner.generate prompt="a red circle moves left on a dark background"
     python -m runner.generate prompts_file=prompts.txt seed=1 sampler.num_steps=30 output_dir=out
+    python -m runner.generate --prompt "any text, even (this)! or ${this}"   # taken verbatim
     skipsync prompt="..."                      # the same, as a console script
 
-Each video is written as <output_dir>/<index>-<slug>.mp4 with a JSON run report next to it.
+Each video is written as <output_dir>/<index>-<slug>-s<seed>-<key>.mp4 (key: a hash of the prompt,
+the seed and the settings, runner/outputs.py) with a JSON run report next to it that names it.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 
@@ -21,9 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from models.loading import CheckpointError
 from runner import cache as cache_policies
 from runner import distributed, report as run_report
+from runner import cli
 from runner.config import (
-    Config, UserError, read_prompts, register_configs, resolve_device, resolve_dtype, resolve_presets, validate,
+    CONF_DIR, Config, UserError, check_seeds, read_prompts, register_configs, resolve_device, resolve_dtype,
+    resolve_presets, validate,
 )
+from runner.outputs import OutputDir, check_writable, is_complete, video_name
 from runner.pipeline import build_pipeline
 from runner.sampler import SamplerSettings, check_finite, make_timesteps, sample
 from runner.video import to_uint8, write_video
@@ -31,26 +35,9 @@ from runner.video import to_uint8, write_video
 register_configs()
 
 
-def slug(text: str, n: int = 40) -> str:
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s[:n].rstrip("-") or "video"
-
-
 def check_output_dir(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(
-            f"cannot write to output_dir={path!r} ({e.strerror}); choose a writable directory, e.g. output_dir=outputs."
-        ) from None
-
-
-def video_name(index: int, prompt: str) -> str:
-    return f"{index:04d}-{slug(prompt)}"
+    """Refuse an output_dir that cannot be written, without creating it (a failed run leaves nothing)."""
+    check_writable(path)
 
 
 def prompt_seed(base_seed: int, index: int) -> int:
@@ -112,11 +99,14 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
     try:
         z = sample(model_fn, run.z, settings, timesteps, pipe.latent_channels, on_step=on_step,
                    cfg_combine=run.cfg_combine)
+        z = run.assemble(z)
+        check_finite(z)
+    except FloatingPointError as e:  # checked after the first step and at the end
+        raise UserError(f"{e} (model.dtype={cfg.model.dtype}: float16 can overflow, use bfloat16 or float32; "
+                        "otherwise check the weights and sampler.cfg_scale).") from None
     finally:
         if bar is not None:
             bar.close()
-    z = run.assemble(z)
-    check_finite(z)
     if phases is not None:
         phases.end("sampling")
     video = par.decode(pipe, z, cfg.num_frames)[0]  # shared by the prompt's group
@@ -127,12 +117,24 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
 
 
 def generate(cfg: Config) -> list[dict]:
-    """Run the whole job; returns the run reports. Raises UserError / CheckpointError on bad input."""
+    """Run the whole job; returns the run reports. Raises UserError / CheckpointError on bad input.
+    Whatever ends it early, no partial file stays behind, and an output directory it created and
+    left empty is removed again."""
+    out = OutputDir(cfg.output_dir)
+    try:
+        return _generate(cfg, out)
+    except BaseException:
+        out.discard_if_empty()
+        raise
+
+
+def _generate(cfg: Config, out: OutputDir) -> list[dict]:
     t_start = time.perf_counter()
     cfg = resolve_presets(cfg)
     par = distributed.setup(cfg)  # the mesh (torchrun env, cfg.parallel); no collective before prepare
     validate(cfg)
     prompts = read_prompts(cfg)
+    check_seeds(cfg.seed, len(prompts))
     check_output_dir(cfg.output_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
@@ -142,7 +144,10 @@ def generate(cfg: Config) -> list[dict]:
     if pipe.random_weights and par.rank == 0:
         print("note: the model has random weights (model.weights is null); the videos are not meaningful.", file=sys.stderr)
     phases.end("loading")
-    par.prepare(pipe, cfg, prompts, lambda i, p: os.path.join(cfg.output_dir, video_name(i, p)))
+    seeds = [prompt_seed(cfg.seed, i) for i in range(len(prompts))]
+    names = [video_name(i, p, seeds[i], cfg) for i, p in enumerate(prompts)]
+    par.prepare(pipe, cfg, prompts, lambda i: is_complete(out.stem(names[i]), prompts[i], seeds[i], cfg),
+                lambda i: names[i])
     t_ready = time.perf_counter()
     # All prompts in one call: Open-Sora's T5 runs once and is freed before sampling. The
     # conditioning waits on the host so a long prompts file does not hold device memory.
@@ -152,9 +157,11 @@ def generate(cfg: Config) -> list[dict]:
     for index, prompt in enumerate(prompts):
         if not par.owns(index):  # another dp group's prompt, or complete already (resume)
             continue
-        seed = prompt_seed(cfg.seed, index)
-        name = video_name(index, prompt)
-        path = os.path.join(cfg.output_dir, name + ".mp4")
+        seed, name = seeds[index], names[index]
+        notes = pipe.prompt_warnings(prompt)  # what the text encoder drops or cannot read
+        if par.is_writer:
+            for note in notes:
+                print(f"warning: prompt {index}: {note}", file=sys.stderr)
         t0 = time.perf_counter()
         video, latent, step_times = generate_one(
             pipe, cfg, prompt, seed, progress=cfg.progress and par.is_writer, cond=conds.select(index), phases=phases,
@@ -165,24 +172,24 @@ def generate(cfg: Config) -> list[dict]:
         if not par.is_writer:
             continue
         frames = to_uint8(video)
-        write_video(path, frames, fps=cfg.fps)
-        if cfg.save_latent:
-            torch.save(latent.cpu(), os.path.join(cfg.output_dir, name + ".latent.pt"))
         rep = run_report.build(
-            cfg, pipe, device, dtype, prompt=prompt, seed=seed, output=path, frames=frames,
+            cfg, pipe, device, dtype, prompt=prompt, seed=seed, output=out.stem(name) + ".mp4", frames=frames,
             step_times=step_times, timings={
                 "setup_s": t_ready - t_start,
                 # text encoding is shared by all prompts of the job
                 **{f"{k}_s": phases.records[k]["seconds"] for k in ("text_encoding", "sampling", "decoding")},
-                "write_s": time.perf_counter() - t_sampled,
                 "total_s": time.perf_counter() - t0,
             }, memory=phases.memory(),
         )
+        rep["prompt_warnings"] = notes
         rep["parallel"] = parallel_info
         rep["cache"] = cache_policies.policy_of(pipe.dit).report()
-        run_report.write(os.path.join(cfg.output_dir, name + ".json"), rep)
+        path = out.write_pair(
+            name, lambda tmp: write_video(tmp, frames, fps=cfg.fps), rep,
+            latent_writer=(lambda tmp: torch.save(latent.cpu(), tmp)) if cfg.save_latent else None)
         print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
-              f"{rep['timings']['total_s']:.2f} s)", file=sys.stderr)
+              f"{rep['timings']['total_s']:.2f} s; written in {time.perf_counter() - t_sampled:.2f} s)",
+              file=sys.stderr)
         reports.append(rep)
     par.close()
     return reports
@@ -192,18 +199,27 @@ def to_config(cfg: DictConfig) -> Config:
     return OmegaConf.to_object(cfg)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(dcfg: DictConfig) -> None:
     try:
         generate(to_config(dcfg))
-    except (UserError, CheckpointError) as e:
-        distributed.exit_on_error(e)  # one process: prints `error: ...`, exits 2 (as before)
     except BaseException as e:  # noqa: BLE001 - distributed: every rank must end, the error printed once
-        distributed.exit_on_error(e)  # one process: re-raised
+        distributed.exit_on_error(e)  # one process: bad input and signals exit cleanly, the rest re-raised
 
 
-def main() -> None:
-    _hydra_main()
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        overrides = cli.hydra_overrides(argv)
+    except UserError as e:
+        distributed.exit_on_error(e)
+        return
+    cli.stop_on_signals()
+    sys.argv = [sys.argv[0], *overrides]
+    try:
+        _hydra_main()
+    except cli.Interrupted as e:  # a signal while Hydra composed the config, before generate
+        distributed.exit_on_error(e)
 
 
 if __name__ == "__main__":

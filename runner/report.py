@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -11,7 +12,6 @@ import sys
 import time
 
 import torch
-from omegaconf import OmegaConf
 
 
 def code_version() -> str:
@@ -120,7 +120,8 @@ def build(cfg, pipe, device, dtype, *, prompt, seed, output, frames, step_times,
         "step_times_s": [round(t, 6) for t in step_times],
         "timings": {k: round(v, 6) for k, v in timings.items()},
         "memory": memory if memory is not None else peak_memory(device),
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+        # Plain values, not through OmegaConf: a prompt may contain '${', which it would resolve.
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
     }
 
 

@@ -126,14 +126,16 @@ def sample(
         t_next = timesteps[i + 1] if i + 1 < n else 0.0
         dt = (t - t_next) / settings.num_timesteps
         z = z.float() + v * dt
+        if i == 0:  # one host sync: a broken run (NaN weights, fp16 overflow) stops now, not after every step
+            check_finite(z, f"after step 1 of {n}")
         if on_step:
             on_step(i, "end")
     return z
 
 
-def check_finite(z: torch.Tensor) -> None:
+def check_finite(z: torch.Tensor, when: str = "after the last step") -> None:
     if not torch.isfinite(z).all():
-        raise FloatingPointError("the sampled latent has NaN or Inf values")
+        raise FloatingPointError(f"the latent has NaN or Inf values {when}")
 
 
 __all__ = [

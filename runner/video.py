@@ -8,6 +8,8 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
+from runner.outputs import temp_path
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8, rounding as Open-Sora saves samples."""
@@ -15,14 +17,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
-def partial_path(path: str) -> str:
-    d, name = os.path.split(path)
-    return os.path.join(d, f".{name}.partial.mp4")
-
-
 def write_video(path: str, frames: np.ndarray, fps: int = 24, crf: int = 12) -> None:
-    """Write to a hidden temporary name, then rename: a reader never sees a half-written file."""
-    tmp = partial_path(path)
+    """Write to a hidden temporary name unique to this process, then rename: a reader never sees a
+    half-written file, and two processes never write into the same temporary file."""
+    tmp = temp_path(path)
     # 4:2:0 chroma needs even sizes; odd sizes are kept exact with 4:4:4.
     even = frames.shape[1] % 2 == 0 and frames.shape[2] % 2 == 0
     try:

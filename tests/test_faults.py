@@ -26,7 +26,7 @@ def test_rank_raising_mid_run_ends_the_job(tmp_path, piddir):
     assert out.count("RuntimeError: injected fault on rank 1") == 1, out
     assert out.count("error: [rank 1]") == 1 and "error: [rank 0]" not in out, out
     assert survivors(piddir) == []
-    assert not os.path.exists(tmp_path / "out" / "0000-a-red-circle-moves-left.mp4")
+    assert not os.path.exists(tmp_path / "out") or not [f for f in os.listdir(tmp_path / "out") if f.endswith(".mp4")]
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ from runner.config import UserError
 from runner.generate import generate
 from runner.pipeline import random_demo, save_demo_dir, DEMO_ARCH
 from runner.video import read_video
-from tests.helpers import ROOT, make_cfg, subprocess_env
+from runner.outputs import file_sha256, video_name
+from tests.helpers import ROOT, make_cfg, output_stem, subprocess_env
 
 FAST = ("model=demo-random", "sampler.num_steps=3", "progress=false")
 
@@ -30,7 +31,11 @@ def test_end_to_end_writes_video_and_report(tmp_path):
     assert report["config"]["sampler"]["num_steps"] == 3
     for key in ("code_version", "device", "dtype", "memory", "timings"):
         assert key in report
-    assert sorted(os.listdir(tmp_path)) == ["0000-a-red-circle-moves-left.json", "0000-a-red-circle-moves-left.mp4"]
+    # the name holds the index, a slug, the seed and the settings key; the report names the video and its hash
+    stem = video_name(0, "a red circle moves left", 42, cfg)
+    assert stem.startswith("0000-a-red-circle-moves-left-s42-")
+    assert sorted(os.listdir(tmp_path)) == [stem + ".json", stem + ".mp4"]
+    assert report["video"] == {"file": stem + ".mp4", "sha256": file_sha256(str(tmp_path / (stem + ".mp4")))}
 
 
 def test_odd_size_video_keeps_exact_size(tmp_path):
@@ -52,7 +57,7 @@ def test_same_seed_is_bit_identical_and_prompts_file(tmp_path):
 
 
 def _assert_no_files(d):
-    assert not os.path.exists(d) or os.listdir(d) == []
+    assert not os.path.exists(d), f"a failed run left {d} behind"
 
 
 @pytest.mark.parametrize(
@@ -119,7 +124,7 @@ def _cli(*args, cwd):
 def test_cli_success_and_errors(tmp_path):
     ok = _cli("prompt=a green triangle moves down", f"output_dir={tmp_path / 'ok'}", *FAST, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
-    assert os.path.exists(tmp_path / "ok" / "0000-a-green-triangle-moves-down.mp4")
+    assert output_stem(tmp_path / "ok").startswith(str(tmp_path / "ok" / "0000-a-green-triangle-moves-down-s42-"))
     bad = _cli("prompt=", f"output_dir={tmp_path / 'bad'}", cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.count("error: the prompt is empty") == 1
     assert "Traceback" not in bad.stderr

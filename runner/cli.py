@@ -1,0 +1,102 @@
+"""The command line around Hydra: verbatim prompts and clean stops on signals.
+
+Prompts. Hydra's override grammar gives `,` `(` `)` `'` `[` `]` `{` `}` `=` and `${...}` meanings,
+so `prompt=...` takes only text that fits it. `--prompt TEXT` (or `--prompt=TEXT`) takes any text
+verbatim: it becomes an override quoted and escaped here, so it also reaches Slurm/submitit jobs,
+which get the overrides. A `prompt=...` that the grammar rejects, or that would be interpolated
+(`${...}`), is refused with the way to pass it instead of a parser traceback or a silently changed prompt.
+
+Signals. SIGINT and SIGTERM (what torchrun and Slurm send at teardown) raise `Interrupted` in the
+main thread, so every `finally` runs (temporary files are removed) and the CLI ends with one line
+and exit code 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+
+from runner.config import UserError
+
+_FLAG = "--prompt"
+# An interpolation that OmegaConf would resolve: '${' not escaped by a backslash.
+_INTERPOLATION = re.compile(r"(?<!\\)\$\{")
+
+
+def quote_prompt(text: str) -> str:
+    """The override `prompt='...'` whose value, after Hydra and OmegaConf, is exactly `text`."""
+    # OmegaConf: a literal '${' is written '\${', and backslashes right before it double.
+    s = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    # Hydra's quoted string: a quote gets a backslash; backslashes before a quote or at the end double.
+    s = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", s)
+    s = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, s)
+    return f"prompt='{s}'"
+
+
+def _check_prompt_override(arg: str) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    advice = ('pass the text verbatim with --prompt "..." (any characters), or write it in a prompts file '
+              "(prompts_file=FILE, read verbatim)")
+    try:
+        value = OverridesParser.create().parse_override(arg).value()
+    except HydraException:
+        raise UserError(f"{arg!r} is not valid in Hydra's override grammar (it gives , ( ) ' [ ] {{ }} = and "
+                        f"${{...}} meanings); {advice}.") from None
+    if isinstance(value, str) and _INTERPOLATION.search(value):
+        raise UserError(f"{arg!r} contains ${{...}}, which Hydra would replace (e.g. ${{oc.env:HOME}} becomes "
+                        f"your home directory); {advice}.")
+
+
+def hydra_overrides(argv: list[str]) -> list[str]:
+    """argv with every `--prompt TEXT` / `--prompt=TEXT` turned into a quoted override; plain
+    `prompt=` overrides are checked. Raises UserError."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == _FLAG:
+            if i + 1 >= len(argv):
+                raise UserError('--prompt needs the text after it: --prompt "a red circle moves left".')
+            out.append(quote_prompt(argv[i + 1]))
+            i += 2
+            continue
+        if arg.startswith(_FLAG + "="):
+            out.append(quote_prompt(arg[len(_FLAG) + 1:]))
+        elif arg.startswith("prompt="):
+            _check_prompt_override(arg)
+            out.append(arg)
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived (a BaseException, like KeyboardInterrupt: no `except Exception` eats it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    # Later signals are ignored while the first one's cleanup runs; the process ends right after.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise Interrupted in the main thread (call from the main thread)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _raise_interrupted)
