@@ -15,10 +15,17 @@ own client of the rendezvous TCPStore (MASTER_ADDR:MASTER_PORT, as torchrun and 
 prints the full error only on that rank, so it appears once. If the store becomes unreachable the
 watchdog stops watching (it never ends a healthy run on its own trouble); the collective timeout
 still bounds every wait.
+
+`finish()` joins the thread before it returns, and `Parallel.close` calls it before destroying the
+process group. A daemon thread still inside a store call when the interpreter finalizes is killed
+by pthread_exit as it re-takes the GIL in pybind11's `gil_scoped_release` destructor; that forced
+unwind through a noexcept destructor is std::terminate: "terminate called without an active
+exception", SIGABRT, after a successful run (issue 13).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -38,12 +45,22 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
+def _store_timeout_s(store, default: float) -> float:
+    try:
+        return store.timeout.total_seconds()
+    except Exception:  # noqa: BLE001 - a store without one (a test's fake)
+        return default
+
+
 class Watchdog:
     def __init__(self, store, rank: int, world_size: int, timeout_s: float, interval_s: float = 1.0):
         self.store, self.rank, self.world_size = store, rank, world_size
         self.timeout_s, self.interval_s = float(timeout_s), float(interval_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Every store call of the thread ends within the client's timeout (set by connect), so a
+        # join this long always sees the thread leave.
+        self.join_timeout_s = self.interval_s + _store_timeout_s(store, self.timeout_s) + 1.0
 
     @classmethod
     def connect(cls, rank: int, world_size: int, timeout_s: float, env=None, interval_s: float = 1.0) -> "Watchdog | None":
@@ -64,22 +81,44 @@ class Watchdog:
         self._beat()
         self._thread = threading.Thread(target=self._run, name="skipsync-watchdog", daemon=True)
         self._thread.start()
+        # A process that ends without finish() (not the runner's way) must not finalize around the
+        # thread either; atexit runs before the interpreter starts finalizing.
+        atexit.register(self._halt)
         return self
 
     def claim_failure(self) -> int:
         """Record this rank as the failed one unless another rank did first; the first one's rank."""
+        if self.store is None:  # finished: nothing to tell
+            return self.rank
         try:
             return int(self.store.compare_set("failed", "", str(self.rank)))
         except Exception:  # noqa: BLE001 - store gone: report as if first
             return self.rank
 
     def finish(self) -> None:
-        """This rank ended normally: stop watching, and tell the others not to wait for its beats."""
-        self._stop.set()
+        """This rank ended normally: stop the thread and wait for it to leave any store call, tell
+        the others not to wait for its beats, and close this client of the store. Call it before
+        destroying the process group (see the module's docstring for why the join matters)."""
+        self._halt()
+        atexit.unregister(self._halt)
+        if self.store is None:  # finished already
+            return
         try:
             self.store.set(f"done/{self.rank}", "1")
         except Exception:  # noqa: BLE001
             pass
+        self.store = None  # the last reference: the C++ client closes its socket now, not at exit
+
+    def _halt(self) -> None:
+        """Stop the thread and join it (it ends at its next check of the event, or when its current
+        store call returns)."""
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(self.join_timeout_s)
+            if t.is_alive():  # its store call outlived the client's timeout: should not happen
+                print(f"[rank {self.rank}] warning: the watchdog thread did not stop within "
+                      f"{self.join_timeout_s:g} s", file=sys.stderr)
 
     # ---- the thread
     def _beat(self) -> None:
