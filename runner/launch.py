@@ -1,0 +1,115 @@
+"""torchrun, with the job's exit code being the failing rank's: `python -m runner.launch` / `skipsync-torchrun`.
+
+    python -m runner.launch --standalone --nproc_per_node=2 -m runner.generate parallel.sp=2 prompt="..."
+
+Takes torchrun's arguments unchanged and runs torch.distributed.run's launcher in this process. Two
+differences from plain torchrun:
+
+- When a rank fails, torchrun raises ChildFailedError, prints a multi-line summary with a traceback
+  of the launcher itself, and exits 1 whatever the rank's code was. Here the job exits with the code
+  of the rank that failed first (2 for bad input, 1 for a crash, 128+N for signal N), after one line
+  saying which rank it was.
+- Without OMP_NUM_THREADS in the environment, torchrun warns and gives every process 1 thread. Here
+  each of the node's processes gets cores // processes threads (at least 1), said in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+PROG = "skipsync-torchrun"
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (taskset, Slurm cpusets)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_omp_threads(nproc: int, env=None) -> str | None:
+    """Give each of `nproc` local processes an equal share of the cores unless OMP_NUM_THREADS is
+    set; -> the line that says so, or None when nothing was set."""
+    env = os.environ if env is None else env
+    if "OMP_NUM_THREADS" in env or nproc <= 1:  # one process: torch's default (every core) is right
+        return None
+    cores = _cores()
+    n = max(1, cores // nproc)
+    env["OMP_NUM_THREADS"] = str(n)  # torchrun passes it to every process and then does not warn
+    return f"{PROG}: OMP_NUM_THREADS={n} per process ({cores} cores / {nproc} processes; set it to override)"
+
+
+def first_failure(failures: dict) -> tuple[int, object]:
+    """(global rank, ProcessFailure) of the failure that caused the others.
+
+    torch's own choice (ChildFailedError.get_first_failure) is the earliest timestamp, but timestamps
+    have a resolution of one second, so a rank that failed and its peers that stopped because of it
+    usually tie. Among ties prefer a code of the rank's own (an exit code above 1, e.g. 2 for bad
+    input, or a signal such as SIGKILL or SIGABRT) over exit code 1 (also the code of the runner's
+    ranks that stop because another rank failed) over SIGTERM (the launcher stops the survivors with
+    it); then the order torch recorded them in.
+    """
+    def kind(code: int) -> int:
+        if code == 1:
+            return 1
+        return 2 if code == -signal.SIGTERM else 0
+
+    return min(failures.items(), key=lambda kv: (kv[1].timestamp, kind(kv[1].exitcode)))
+
+
+def exit_code(code: int) -> int:
+    """The shell's convention: a process killed by signal N ends the job with 128 + N."""
+    return 128 - code if code < 0 else code
+
+
+def _describe(code: int) -> str:
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"killed by {name}"
+
+
+class _DropFailureLog(logging.Filter):
+    """torch's "failed (exitcode: ...) local_rank: ... of binary: ..." record: our line replaces it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed (exitcode")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = torchrun.parse_args(sys.argv[1:] if argv is None else argv)
+    note = set_omp_threads(torchrun.determine_local_world_size(args.nproc_per_node))
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropFailureLog())
+    try:
+        torchrun.run(args)
+    except ChildFailedError as e:
+        rank, f = first_failure(e.failures)
+        others = len(e.failures) - 1
+        more = f"; {others} more rank{'s' if others > 1 else ''} failed or were stopped on this node" if others else ""
+        print(f"{PROG}: rank {rank} (local rank {f.local_rank}, pid {f.pid}) failed: {_describe(f.exitcode)}{more}",
+              file=sys.stderr, flush=True)
+        return exit_code(f.exitcode)
+    except SignalException as e:  # this launcher was told to stop (Ctrl-C, scancel): its ranks are stopped
+        print(f"{PROG}: stopped by {e.sigval.name}", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
