@@ -3,6 +3,7 @@
     python bench/stress_parallel.py 2:50 3:20                  # 50 jobs with parallel.sp=2, 20 with sp=3
     python bench/stress_parallel.py 2:10 --root /tmp/old-tree   # the same against another checkout
     python bench/stress_parallel.py 2:5 -- sampler.num_steps=3  # extra Hydra overrides after --
+    python bench/stress_parallel.py 2:20 --pin 0                # every job on one core: races likelier
 
 Each SPEC is K:N, N jobs of K processes with parallel.sp=K, one after another (a rare teardown race
 shows only over many jobs: issue 13 was 1 job in 13). A job fails when it exits non-zero, when any
@@ -60,9 +61,11 @@ def job_env(root: str, launcher: str) -> dict:
     return env
 
 
-def run_one(sp: int, root: str, out_dir: str, launcher: str, extra: list[str], timeout: float) -> tuple[list[str], int | None, str, float]:
+def run_one(sp: int, root: str, out_dir: str, launcher: str, extra: list[str], timeout: float,
+            pin: str | None = None) -> tuple[list[str], int | None, str, float]:
     """-> (failure kinds, exit code or None on timeout, combined output, seconds)."""
-    cmd = [sys.executable, *LAUNCHERS[launcher], "--standalone", f"--nproc_per_node={sp}", "-m", "runner.generate",
+    cmd = ["taskset", "-c", pin] if pin else []
+    cmd += [sys.executable, *LAUNCHERS[launcher], "--standalone", f"--nproc_per_node={sp}", "-m", "runner.generate",
            f"parallel.sp={sp}", *SMALL, f"output_dir={out_dir}", *extra]
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, cwd=root, env=job_env(root, launcher), stdout=subprocess.PIPE,
@@ -100,12 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--launcher", choices=sorted(LAUNCHERS), default="torchrun",
                     help="torch.distributed.run, or runner.launch (skipsync-torchrun)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per job before it counts as hung")
+    ap.add_argument("--pin", metavar="CPUS", default=None,
+                    help="run every job under `taskset -c CPUS` (e.g. 0): ranks, launcher and store share those "
+                         "cores, which makes timing races at startup and teardown likelier")
     ap.add_argument("--logs", default=None, help="where failed jobs' logs go (default: a new temporary folder)")
     args = ap.parse_args(argv)
     root = os.path.abspath(args.root)
     logs = args.logs or tempfile.mkdtemp(prefix="stress-logs-")
     os.makedirs(logs, exist_ok=True)
-    print(f"stress: root {root}, launcher {args.launcher}, overrides {' '.join(SMALL + extra)}; failed logs in {logs}",
+    pinned = f", pinned to CPUs {args.pin}" if args.pin else ""
+    print(f"stress: root {root}, launcher {args.launcher}{pinned}, overrides {' '.join(SMALL + extra)}; failed logs in {logs}",
           flush=True)
 
     tallies = []
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             work = tempfile.mkdtemp(prefix=f"stress-sp{sp}-")
             try:
                 kinds, code, out, seconds = run_one(sp, root, os.path.join(work, "out"), args.launcher, extra,
-                                                    args.timeout)
+                                                    args.timeout, args.pin)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             t.runs += 1

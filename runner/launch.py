@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as e:
         rank, f = first_failure(e.failures)
         others = len(e.failures) - 1
-        more = f"; {others} more rank{'s' if others > 1 else ''} failed or were stopped on this node" if others else ""
+        more = (f"; {others} more rank{'s' if others > 1 else ''} failed or {'were' if others > 1 else 'was'} "
+                "stopped on this node") if others else ""
         print(f"{PROG}: rank {rank} (local rank {f.local_rank}, pid {f.pid}) failed: {_describe(f.exitcode)}{more}",
               file=sys.stderr, flush=True)
         return exit_code(f.exitcode)
