@@ -33,17 +33,21 @@ def quote_prompt(text: str) -> str:
     return f"prompt='{s}'"
 
 
-def _check_prompt_override(arg: str) -> None:
+def _check_prompt_override(arg: str, multirun: bool) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     advice = ('pass the text verbatim with --prompt "..." (any characters), or write it in a prompts file '
               "(prompts_file=FILE, read verbatim)")
     try:
-        value = OverridesParser.create().parse_override(arg).value()
+        override = OverridesParser.create().parse_override(arg)
+        value = override.value()
     except HydraException:
         raise UserError(f"{arg!r} is not valid in Hydra's override grammar (it gives , ( ) ' [ ] {{ }} = and "
                         f"${{...}} meanings); {advice}.") from None
+    if override.is_sweep_override() and not multirun:  # "a, b" is a sweep over two prompts in Hydra's grammar
+        raise UserError(f"{arg!r} is a list of prompts to sweep over in Hydra's override grammar (the comma); "
+                        f"{advice}.")
     if isinstance(value, str) and _INTERPOLATION.search(value):
         raise UserError(f"{arg!r} contains ${{...}}, which Hydra would replace (e.g. ${{oc.env:HOME}} becomes "
                         f"your home directory); {advice}.")
@@ -53,6 +57,7 @@ def hydra_overrides(argv: list[str]) -> list[str]:
     """argv with every `--prompt TEXT` / `--prompt=TEXT` turned into a quoted override; plain
     `prompt=` overrides are checked. Raises UserError."""
     out: list[str] = []
+    multirun = "-m" in argv or "--multirun" in argv
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -65,7 +70,7 @@ def hydra_overrides(argv: list[str]) -> list[str]:
         if arg.startswith(_FLAG + "="):
             out.append(quote_prompt(arg[len(_FLAG) + 1:]))
         elif arg.startswith("prompt="):
-            _check_prompt_override(arg)
+            _check_prompt_override(arg, multirun)
             out.append(arg)
         else:
             out.append(arg)
