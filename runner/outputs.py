@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import tempfile
 
 from runner.config import Config, UserError
 
@@ -72,18 +73,20 @@ def file_sha256(path: str) -> str:
 
 def check_writable(path: str) -> None:
     """output_dir exists and is writable, or can be created: checked without creating anything."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
+    probe = os.path.normpath(path)
+    while not os.path.exists(probe):  # the nearest existing ancestor, named as the user wrote it
+        parent = os.path.dirname(probe) or "."
         if parent == probe:
             break
         probe = parent
     if not os.path.isdir(probe):
-        why = "it is not a directory" if probe == os.path.abspath(path) else f"{probe!r} is not a directory"
-    elif not os.access(probe, os.W_OK | os.X_OK):
-        why = f"{probe!r} is not writable"
+        why = "it is not a directory" if probe == os.path.normpath(path) else f"{probe!r} is not a directory"
     else:
-        return
+        try:  # a real write (permissions, read-only mounts; root passes os.access everywhere)
+            with tempfile.NamedTemporaryFile(dir=probe, prefix=".skipsync-write-test-"):
+                return
+        except OSError as e:
+            why = f"{probe!r}: {e.strerror}"
     raise UserError(f"cannot write to output_dir={path!r} ({why}); choose a writable directory, e.g. output_dir=outputs.")
 
 
