@@ -127,7 +127,7 @@ class OutputDir:
 
     def write_pair(self, name: str, write_video, report: dict, latent_writer=None) -> str:
         """Write <name>.mp4 (write_video(tmp_path)), optionally <name>.latent.pt, then <name>.json
-        (report plus the video's file name and hash). Temporary files are removed on any failure
+        (report, to which the video's file name and hash are added). Temporary files are removed on any failure
         or signal. -> the video's path."""
         self._ensure()
         video, rep_path = self.stem(name) + ".mp4", self.stem(name) + ".json"
@@ -136,7 +136,7 @@ class OutputDir:
             tmp_video = temp_path(video)
             tmps.append(tmp_video)
             write_video(tmp_video)
-            report = {**report, "video": {"file": os.path.basename(video), "sha256": file_sha256(tmp_video)}}
+            report["video"] = {"file": os.path.basename(video), "sha256": file_sha256(tmp_video)}
             moves = [(tmp_video, video)]
             if latent_writer is not None:
                 tmp_latent = temp_path(self.stem(name) + ".latent.pt")

@@ -133,3 +133,12 @@ def test_cli_success_and_errors(tmp_path):
     typo = _cli("prompt=x", "num_frame=3", cwd=ROOT)
     assert typo.returncode != 0 and "num_frame" in typo.stderr
     _assert_no_files(tmp_path / "bad")
+
+
+def test_prompt_warnings_are_printed_and_reported(tmp_path, capsys):
+    (rep,) = generate(make_cfg("prompt=a zebra moves left", f"output_dir={tmp_path}", *FAST))
+    assert any("'zebra'" in w for w in rep["prompt_warnings"])
+    assert json.loads(open(rep["output"][:-4] + ".json").read())["prompt_warnings"] == rep["prompt_warnings"]
+    assert "warning: prompt 0: " in capsys.readouterr().err
+    (ok,) = generate(make_cfg("prompt=a red circle moves left", f"output_dir={tmp_path}", *FAST))
+    assert ok["prompt_warnings"] == []

@@ -77,3 +77,15 @@ def test_fixed_timestep_shift_replaces_the_size_dependent_transform():
     assert make_timesteps(SamplerSettings(num_steps=4, timestep_shift=1.0), 720, 1280, 102) == [1000.0, 750.0, 500.0, 250.0]
     with pytest.raises(ValueError, match="timestep_shift"):
         make_timesteps(SamplerSettings(num_steps=4, timestep_shift=0.0), 32, 32, 8)
+
+
+def test_non_finite_latent_stops_after_the_first_step():
+    calls = []
+
+    def model_fn(z, t, info):
+        calls.append(info.index)
+        return torch.full_like(z, float("nan"))
+
+    with pytest.raises(FloatingPointError, match="after step 1 of 30"):
+        sample(model_fn, torch.zeros(1, 3, 2, 4, 4), SamplerSettings(num_steps=30), list(range(1000, 0, -33))[:30], 3)
+    assert calls == [0]  # not after every step
