@@ -9,7 +9,7 @@ Local sizes (frames, rows, heads) always come from tensor shapes.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -98,7 +98,6 @@ class Embedded:
     y_mask: torch.Tensor | None
     grid: tuple[int, int, int]  # (Tp, Hp, Wp) of the whole token grid (x may hold a band of rows)
     out_size: tuple[int, int, int]  # (T, H, W) of the input, to crop the padded output
-    extras: dict = field(default_factory=dict)
 
 
 class STDiT3(nn.Module):

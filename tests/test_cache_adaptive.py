@@ -139,7 +139,7 @@ class FakeDiT(nn.Module):
 
 
 def _embedded(x):
-    return SimpleNamespace(x=x, y=None, y_mask=None, t_mlp=None, extras={})
+    return SimpleNamespace(x=x, y=None, y_mask=None, t_mlp=None)
 
 
 def test_fbcache_threshold_against_the_last_computed_reference():

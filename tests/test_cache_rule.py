@@ -101,7 +101,7 @@ class ScriptedDiT(nn.Module):
 
 class E:
     def __init__(self, x):
-        self.x, self.extras = x, {}
+        self.x = x
 
 
 def drive(target, n=30, **kw):

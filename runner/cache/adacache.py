@@ -15,9 +15,8 @@ Rank agreement: the metric's partial sums of every site go into one float64 tens
 `comm.all_reduce(group="agree")` per computed step (none on reused steps, none on the last step,
 whose decision nothing uses); the decision is a pure function of the reduced sums.
 `verify_agreement` additionally gathers every rank's decision and raises on any mismatch.
-A layout that pads the spatial axis of its shard puts a bool (S_local,) mask of the valid tokens in
-`Embedded.extras["s_mask"]` and the sums skip the rest (the DSP/Ulysses layouts split rows unevenly
-without padding and need none). With CFG-parallel the agreement group spans the CFG pair, so the pair takes one joint decision from
+The sums need no padding mask: the DSP/Ulysses layouts split rows unevenly without padding.
+With CFG-parallel the agreement group spans the CFG pair, so the pair takes one joint decision from
 the metric over both halves, exactly as the released code (one batched [cond; uncond] forward).
 
 The residual is added in fp32 and rounded once to the model dtype; a per-block bf16 cache rounds
@@ -147,14 +146,14 @@ class AdaCache(BlocksStagePolicy):
         else:
             self._delta = fp32_residual(x_out, e.x)
             if self._prev is not None:
-                self._decide(index, e.extras.get("s_mask"))
+                self._decide(index)
             self._prev, self._cur = self._cur, None
             self.note_memory()
         self.last = s
 
-    def _decide(self, index: int, s_mask) -> None:
+    def _decide(self, index: int) -> None:
         s = index + 1
-        local = torch.cat([site_sums(p, c, s, self.moreg, s_mask) for p, c in zip(self._prev, self._cur)])
+        local = torch.cat([site_sums(p, c, s, self.moreg) for p, c in zip(self._prev, self._cur)])
         d, prev = decide(self.agree(local), index, self.rate, self.codebook, len(self.sites), self.moreg,
                          self.moreg_prev)
         self.verify(d.step, d.key(), lambda k: f"step {k[0]} rate_prev {k[1]} -> rate {k[2]} (c={k[3]})")

@@ -10,7 +10,7 @@ For STDiT3 the "first block" is layer 0: spatial block 0 and temporal block 0. P
 r1_ref changes only on computed steps, so drift is measured against the last refresh. No step is
 forced to compute but the first (no reference); the default threshold is diffusers' 0.05.
 
-Rank agreement: the two L1 sums over this rank's tokens (padding masked) in one float64 all-reduce
+Rank agreement: the two L1 sums over this rank's tokens in one float64 all-reduce
 over the agreement group on every step with a reference; the comparison uses the reduced values,
 identical on all ranks. A reused step still runs layer 0 and so, under a sequence-parallel layout,
 layer 0's collectives (DSP: the two all-to-alls of its spatial attention), as every FBCache does.
@@ -54,7 +54,7 @@ class FBCache(BlocksStagePolicy):
         r1 = (h1 - e.x).detach()
         compute = True
         if self._ref is not None:
-            s = self.agree(l1_sums(self._ref, r1, e.extras.get("s_mask")))  # [|r1 - r1_ref|, |r1_ref|]
+            s = self.agree(l1_sums(self._ref, r1))  # [|r1 - r1_ref|, |r1_ref|]
             rel = s[0] / s[1] if s[1] else float("inf")
             self.values[k] = rel
             compute = not rel < self.threshold

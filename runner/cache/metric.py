@@ -1,9 +1,9 @@
 """AdaCache's distance metric and MoReg from local partial sums, and the decision as a pure
 function of the (globally reduced) sums.
 
-Every quantity is a ratio of global L1 sums, so a rank computes sums over its own shard (padding
-masked out), one SUM all-reduce over the agreement group makes them global, and every rank then
-evaluates `decide` on bit-identical inputs. Frame differences need no neighbour: a row-sharded
+Every quantity is a ratio of global L1 sums, so a rank computes sums over its own shard, one SUM
+all-reduce over the agreement group makes them global, and every rank then evaluates `decide` on
+bit-identical inputs. Frame differences need no neighbour: a row-sharded
 (B, T, S, C) residual holds every frame of its rows, so the frame pairs are all local (the released
 code gathers rank-major and shifts by the *local* S, pairing frames across shard boundaries; this
 does not).
@@ -33,24 +33,17 @@ class MoRegParams:
         return self.window[0] <= step <= self.window[1]
 
 
-def _masked(r: torch.Tensor, s_mask: torch.Tensor | None) -> torch.Tensor:
-    """Keep the valid spatial tokens of a (B, T, S, C) tensor."""
-    return r if s_mask is None else r[:, :, s_mask.to(r.device)]
-
-
-def l1_sums(prev: torch.Tensor, cur: torch.Tensor, s_mask: torch.Tensor | None = None) -> torch.Tensor:
+def l1_sums(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
     """[sum |prev - cur|, sum |prev|] over this shard (float64)."""
-    p, c = _masked(prev, s_mask), _masked(cur, s_mask)
-    return torch.stack([(p.float() - c.float()).abs().sum(dtype=torch.float64),
-                        p.abs().sum(dtype=torch.float64)])
+    return torch.stack([(prev.float() - cur.float()).abs().sum(dtype=torch.float64),
+                        prev.abs().sum(dtype=torch.float64)])
 
 
-def motion_sums(cur: torch.Tensor, strides, s_mask: torch.Tensor | None = None) -> torch.Tensor:
+def motion_sums(r: torch.Tensor, strides) -> torch.Tensor:
     """Per stride i: [sum |R[:, i:] - R[:, :-i]|, sum |R[:, i:]| + sum |R[:, :-i]|] (float64).
 
     R is (B, T, S, C): the shift is along the frame axis T, within this shard.
     """
-    r = _masked(cur, s_mask)
     per_frame = r.abs().sum(dim=(0, 2, 3), dtype=torch.float64)  # (T,)
     out = []
     for i in strides:
@@ -62,11 +55,11 @@ def motion_sums(cur: torch.Tensor, strides, s_mask: torch.Tensor | None = None) 
     return torch.stack(out) if out else per_frame.new_zeros(0)
 
 
-def site_sums(prev, cur, step: int, moreg: MoRegParams | None, s_mask=None) -> torch.Tensor:
+def site_sums(prev, cur, step: int, moreg: MoRegParams | None) -> torch.Tensor:
     """The partial sums one metric site contributes at 1-based step `step`."""
-    parts = [l1_sums(prev, cur, s_mask)]
+    parts = [l1_sums(prev, cur)]
     if moreg is not None and moreg.active(step):
-        parts.append(motion_sums(cur, moreg.strides, s_mask))
+        parts.append(motion_sums(cur, moreg.strides))
     return torch.cat(parts)
 
 

@@ -12,7 +12,7 @@ poly: np.poly1d-style coefficients, highest power first (the Open-Sora 1.2 fit b
 delta: 0.1 (slow) or 0.2 (fast), or `teacache_thresh`. A reused step returns x_emb + R with R the
 fp32 blocks-stage residual of the last computed step; embed and final layer run every step.
 
-Rank agreement: the two L1 sums over this rank's tokens (padding masked) go into one float64
+Rank agreement: the two L1 sums over this rank's tokens go into one float64
 all-reduce over the agreement group on every step 1..T-2, so the relative L1 is the global one
 (the mean ratio of the reference: both means count the same elements) and bit-identical on all
 ranks; the accumulator is a pure function of those values. With CFG-parallel the sums span both
@@ -100,7 +100,7 @@ class TeaCache(BlocksStagePolicy):
         inp = modulated_input(self.model.spatial_blocks[0], e)
         rel = None
         if 0 < k < n - 1:
-            s = self.agree(l1_sums(self._prev_inp, inp, e.extras.get("s_mask")))  # [|F_k - F_prev|, |F_prev|]
+            s = self.agree(l1_sums(self._prev_inp, inp))  # [|F_k - F_prev|, |F_prev|]
             rel = s[0] / s[1] if s[1] else float("inf")
         acc = self.rule.acc
         compute, rescaled = self.rule.step(k, n, rel)
