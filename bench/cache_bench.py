@@ -35,7 +35,7 @@ from runner.config import resolve_device, resolve_dtype  # noqa: E402
 from runner.demo_data import HELDOUT_CAPTIONS  # noqa: E402
 from runner.eval_demo import compose_config  # noqa: E402
 from runner.generate import generate_one, prompt_seed  # noqa: E402
-from runner.pipeline import build_pipeline  # noqa: E402
+from runner.families import build_pipeline  # noqa: E402
 from runner.video import to_uint8  # noqa: E402
 
 POLICIES = ("none", "adacache", "adacache-slow", "adacache-moreg", "deltadit", "deltadit-port", "pab246", "pab357",

@@ -31,7 +31,7 @@ from runner import demo_data, demo_eval
 from runner.config import Config, register_configs, resolve_device, resolve_dtype
 from runner.demo_data import HELDOUT_CAPTIONS
 from runner.generate import generate_one, prompt_seed
-from runner.pipeline import build_pipeline
+from runner.families import build_pipeline
 from runner.video import to_uint8
 
 

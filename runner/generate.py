@@ -28,7 +28,7 @@ from runner.config import (
     resolve_presets, validate,
 )
 from runner.outputs import OutputDir, check_writable, is_complete, video_name
-from runner.pipeline import build_pipeline
+from runner.families import build_pipeline
 from runner.sampler import SamplerSettings, check_finite, make_timesteps, sample
 from runner.video import to_uint8, write_video
 

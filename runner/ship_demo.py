@@ -22,7 +22,8 @@ import torch
 
 from models.loading import CheckpointError
 from runner.config import UserError
-from runner.pipeline import BUILTIN, _load_demo_dir
+from runner.families import BUILTIN
+from runner.families.demo import _load_demo_dir
 
 SHIPPED = BUILTIN["demo"]
 DEFAULT_RUN = "runs/train_demo"

@@ -30,7 +30,7 @@ from models.text_tiny import TinyTextConfig, TinyTextEncoder, WordTokenizer
 from runner import demo_data
 from runner.config import UserError
 from runner.eval_demo import caption_response, demo_predict_x0
-from runner.pipeline import DemoPipeline, save_demo_dir
+from runner.families.demo import DemoPipeline, save_demo_dir
 from runner.sampler import shift_timestep
 from runner.ship_demo import DEFAULT_RUN, check_output_dir
 

@@ -76,7 +76,7 @@ CASES = [
 
 def make_files(d: str) -> None:
     """The files the cases name, in directory d."""
-    from runner.pipeline import DEMO_ARCH, random_demo, save_demo_dir
+    from runner.families.demo import DEMO_ARCH, random_demo, save_demo_dir
 
     with open(os.path.join(d, "prompts.txt"), "w", encoding="utf-8") as f:
         f.write("a red circle moves left\na blue square moves up\n")

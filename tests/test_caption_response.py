@@ -67,7 +67,7 @@ def test_the_directions_data_difference_is_a_frame_by_position_pattern():
 
 
 def test_it_runs_on_a_demo_pipeline():
-    from runner.pipeline import build_pipeline
+    from runner.families import build_pipeline
 
     cfg = make_cfg("model=demo-random", "progress=false")
     pipe = build_pipeline(cfg.model, torch.device("cpu"), torch.float32)

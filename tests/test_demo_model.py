@@ -9,7 +9,7 @@ from models.loading import read_safetensors
 from runner.demo_data import HELDOUT_CAPTIONS
 from runner.eval_demo import evaluate
 from runner.generate import generate_one
-from runner.pipeline import BUILTIN, build_pipeline
+from runner.families import BUILTIN, build_pipeline
 from tests.helpers import make_cfg
 
 

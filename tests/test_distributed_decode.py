@@ -14,7 +14,7 @@ class VAEPipe:
     """The decode side of the Open-Sora pipeline around a tiny published-layout VAE."""
 
     def __init__(self):
-        from runner.opensora_pipeline import OpenSoraPipeline
+        from runner.families.opensora import OpenSoraPipeline
         from tests.test_vae import tiny_vae
 
         self.vae = tiny_vae().eval()

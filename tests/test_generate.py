@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from models.loading import CheckpointError
 from runner.config import UserError
 from runner.generate import generate
-from runner.pipeline import random_demo, save_demo_dir, DEMO_ARCH
+from runner.families.demo import random_demo, save_demo_dir, DEMO_ARCH
 from runner.video import read_video
 from runner.outputs import file_sha256, video_name
 from tests.helpers import ROOT, make_cfg, output_stem, subprocess_env

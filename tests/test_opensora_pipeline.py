@@ -19,7 +19,7 @@ from models.loading import CheckpointError, save_checkpoint  # noqa: E402
 from models.stdit3 import STDiT3Config, build_stdit3  # noqa: E402
 from runner.config import UserError, resolve_presets  # noqa: E402
 from runner.generate import generate, generate_one  # noqa: E402
-from runner.opensora_pipeline import OpenSoraPipeline, build_opensora_pipeline  # noqa: E402
+from runner.families.opensora import OpenSoraPipeline, build_opensora_pipeline  # noqa: E402
 from runner.video import read_video  # noqa: E402
 from tests.helpers import make_cfg  # noqa: E402
 from tests.test_t5 import TINY_T5, build_t5, build_tokenizer  # noqa: E402

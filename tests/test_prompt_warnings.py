@@ -6,7 +6,8 @@ import torch
 
 from runner import demo_data
 from runner.config import ModelConfig
-from runner.pipeline import build_pipeline, quoted
+from runner.families import build_pipeline
+from runner.families.base import quoted
 
 
 @pytest.fixture(scope="module")

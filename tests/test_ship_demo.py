@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from runner.config import UserError
-from runner.pipeline import BUILTIN
+from runner.families import BUILTIN
 from runner.ship_demo import check_complete, overlaps, ship
 from runner import train_demo
 from runner.train_demo import TrainConfig, train
@@ -79,7 +79,7 @@ def test_ship_refuses_an_unfinished_run_and_installs_a_finished_one(tmp_path):
     assert training["step"] == 3 == training["config"]["steps"]
     assert _hashes(target) == _hashes(run)  # exactly the run's files: the stale one is gone
     assert os.listdir(tmp_path / "assets") == ["demo"]  # no temporary or .old folder left behind
-    from runner.pipeline import _load_demo_dir
+    from runner.families.demo import _load_demo_dir
 
     assert not _load_demo_dir(str(target), torch.device("cpu"), torch.float32).random_weights
 

@@ -7,7 +7,7 @@ import torch
 
 from models.loading import read_safetensors
 from runner.config import ModelConfig
-from runner.pipeline import build_pipeline
+from runner.families import build_pipeline
 from runner.sampler import shift_timestep
 from runner.train_demo import DemoArch, TrainConfig, learning_rate, sample_t, shift_ratio, train
 
@@ -81,7 +81,7 @@ def test_recipe_defaults_are_those_of_the_shipped_checkpoint():
     import dataclasses
     import json
 
-    from runner.pipeline import BUILTIN
+    from runner.families import BUILTIN
 
     with open(os.path.join(BUILTIN["demo"], "config.json")) as f:
         shipped = json.load(f)["training"]

@@ -28,7 +28,7 @@ from models.loading import CheckpointError, load_stdit3
 from models.stdit3 import STDiT3
 from models.vae import OpenSoraVAE, VAEChunk
 from runner.config import DTYPES, ModelConfig, UserError
-from runner.pipeline import Conditioning, PipelineBase, quoted, trimmed_conditioning
+from runner.families.base import Conditioning, PipelineBase, quoted, trimmed_conditioning
 from runner.presets import bf16_round
 
 STDIT3_REPO = "hpcai-tech/OpenSora-STDiT-v3"
@@ -67,7 +67,7 @@ def check_weights_dir(root: str) -> None:
 
 
 class OpenSoraPipeline(PipelineBase):
-    """Same interface as runner.pipeline.DemoPipeline."""
+    """Same interface as runner.families.demo.DemoPipeline."""
 
     family = "opensora-v1.2"
     random_weights = False

@@ -1,14 +1,11 @@
-"""Model families: what turns prompts into conditioning and latents into frames around STDiT3.
-
-The demo family works in pixel space (the latent is the RGB video in [-1, 1], an identity
+"""The demo family: STDiT3 in pixel space (the latent is the RGB video in [-1, 1], an identity
 autoencoder) with the small built-in text encoder, so it runs on a CPU in seconds.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
@@ -16,58 +13,14 @@ from models.loading import CheckpointError, assign_state_dict, load_stdit3, read
 from models.stdit3 import STDiT3, STDiT3Config, build_stdit3, get_config
 from models.text_tiny import TinyTextConfig, TinyTextEncoder, WordTokenizer
 from models.vae import VAEChunk
-from runner.config import ModelConfig, UserError
+from runner.config import UserError
+from runner.families.base import Conditioning, PipelineBase, quoted, trimmed_conditioning
 
 # The random-weight demo architecture: pixel space (3 channels), small widths.
 DEMO_ARCH = STDiT3Config(
     depth=4, hidden_size=128, num_heads=4, patch_size=(1, 4, 4), in_channels=3, pred_sigma=False,
     caption_channels=64, model_max_length=16,
 )
-
-
-@dataclass
-class Conditioning:
-    y: torch.Tensor  # (2B, L, Cc): [cond; null]
-    mask: torch.Tensor  # (B, L) long: the cond mask, reused for the null half as Open-Sora does
-
-    def select(self, i: int) -> "Conditioning":
-        """Prompt i alone, trimmed to its own tokens (a batch is trimmed to its longest prompt)."""
-        b = self.mask.shape[0]
-        mask = self.mask[i:i + 1]
-        n = int(mask.sum(1).max())
-        return Conditioning(self.y[[i, b + i], :n], mask[:, :n])
-
-    def to(self, device) -> "Conditioning":
-        return Conditioning(self.y.to(device), self.mask.to(device))
-
-
-def trimmed_conditioning(y: torch.Tensor, mask: torch.Tensor, null: torch.Tensor) -> Conditioning:
-    """[cond; null] from text embeddings y (B, L, Cc), their mask (B, L) and the model's null
-    caption (>= L, Cc). Padding keys are masked out (the null half reuses the cond mask, as Open-Sora
-    does), so dropping the all-padding tail changes nothing and saves cross-attention work."""
-    n = int(mask.sum(1).max())
-    null = null[:n].to(device=y.device, dtype=y.dtype)[None].expand(y.shape[0], -1, -1)
-    return Conditioning(torch.cat([y[:, :n], null], 0), mask[:, :n])
-
-
-def quoted(items: list[str], limit: int = 10) -> str:
-    """'a', 'b', ... for a warning line: at most `limit` items, then how many more."""
-    text = ", ".join(repr(x) for x in items[:limit])
-    return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-class PipelineBase:
-    """What every family shares around its STDiT3 (`self.dit`)."""
-
-    dit: STDiT3
-
-    @property
-    def device(self) -> torch.device:
-        return self.dit.x_embedder.proj.weight.device
-
-    @property
-    def latent_channels(self) -> int:
-        return self.dit.config.in_channels
 
 
 class DemoPipeline(PipelineBase):
@@ -164,33 +117,6 @@ def random_demo(arch: STDiT3Config, seed: int, device, dtype) -> DemoPipeline:
     text = TinyTextEncoder(TinyTextConfig(width=arch.caption_channels, max_length=arch.model_max_length), len(tok.vocab))
     dit = build_stdit3(arch, device=device, dtype=dtype, seed=seed)
     return DemoPipeline(dit.eval(), text.to(device).eval(), tok, "random", random_weights=True)
-
-
-# The trained demo model shipped with the repository (`model.weights=builtin:demo`).
-BUILTIN = {"demo": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")}
-
-
-def resolve_weights(path: str) -> str:
-    if path.startswith("builtin:"):
-        name = path.split(":", 1)[1]
-        if name not in BUILTIN:
-            raise UserError(f"model.weights={path} is not a built-in model; known: builtin:{', builtin:'.join(BUILTIN)}.")
-        return BUILTIN[name]
-    return path
-
-
-def build_pipeline(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
-    """-> DemoPipeline or OpenSoraPipeline (same interface), by cfg.family."""
-    if cfg.family == "opensora-v1.2":
-        from runner.opensora_pipeline import build_opensora_pipeline
-
-        return build_opensora_pipeline(cfg, device, dtype)
-    if cfg.family != "demo":
-        raise UserError(f"model.family={cfg.family!r} is not known; use model=demo or model=opensora-v1.2.")
-    if cfg.weights is None:
-        arch = DEMO_ARCH if cfg.arch == "STDiT3-demo" else _named_arch(cfg.arch)
-        return random_demo(arch, cfg.init_seed, device, dtype)
-    return _load_demo_dir(resolve_weights(cfg.weights), device, dtype)
 
 
 def _named_arch(name: str) -> STDiT3Config:
