@@ -29,13 +29,13 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from runner import demo_eval  # noqa: E402
 from runner.cache import policy_of  # noqa: E402
 from runner.config import resolve_device, resolve_dtype  # noqa: E402
-from runner.demo_data import HELDOUT_CAPTIONS  # noqa: E402
-from runner.eval_demo import compose_config  # noqa: E402
-from runner.generate import generate_one, prompt_seed  # noqa: E402
+from runner.demo import judge  # noqa: E402
+from runner.demo.data import HELDOUT_CAPTIONS  # noqa: E402
+from runner.demo.evaluate import compose_config  # noqa: E402
 from runner.families import build_pipeline  # noqa: E402
+from runner.generate import generate_one, prompt_seed  # noqa: E402
 from runner.video import to_uint8  # noqa: E402
 
 POLICIES = ("none", "adacache", "adacache-slow", "adacache-moreg", "deltadit", "deltadit-port", "pab246", "pab357",
@@ -102,8 +102,8 @@ def bench(args) -> dict:
         if reports[name].get("codebook"):
             row["codebook"] = reports[name]["codebook"]["source"]
         if ref is not None:
-            row["psnr_db"] = float(np.mean([min(demo_eval.psnr(a, b), 100.0) for a, b in zip(videos[name], ref)]))
-            row["ssim"] = float(np.mean([demo_eval.ssim(a, b) for a, b in zip(videos[name], ref)]))
+            row["psnr_db"] = float(np.mean([min(judge.psnr(a, b), 100.0) for a, b in zip(videos[name], ref)]))
+            row["ssim"] = float(np.mean([judge.ssim(a, b) for a, b in zip(videos[name], ref)]))
         rows[name] = row
     return {"weights": pipe.describe()["weights"], "steps": args.steps, "prompts": len(prompts),
             "repeats": args.repeats, "threads": torch.get_num_threads(), "device": str(device), "rows": rows}

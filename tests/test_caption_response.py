@@ -1,12 +1,12 @@
-"""The caption response at t = 1 (runner.eval_demo.caption_response): 1 for a model that predicts
+"""The caption response at t = 1 (runner.demo.evaluate.caption_response): 1 for a model that predicts
 the training data's mean clip per caption, 0 for one that ignores a word, and it runs on a model."""
 
 import numpy as np
 import pytest
 import torch
 
-from runner import demo_data as dd
-from runner.eval_demo import RESPONSE_PAIRS, caption_response, data_mean, demo_predict_x0
+from runner.demo import data as dd
+from runner.demo.evaluate import RESPONSE_PAIRS, caption_response, data_mean, demo_predict_x0
 from tests.helpers import make_cfg
 
 T, SIZE = 8, 16

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from runner import demo_data as dd
+from runner.demo import data as dd
 
 
 def _specs(seed, n, split="train"):

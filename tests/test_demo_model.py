@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from models.loading import read_safetensors
-from runner.demo_data import HELDOUT_CAPTIONS
-from runner.eval_demo import evaluate
+from runner.demo.data import HELDOUT_CAPTIONS
+from runner.demo.evaluate import evaluate
 from runner.generate import generate_one
 from runner.families import BUILTIN, build_pipeline
 from tests.helpers import make_cfg

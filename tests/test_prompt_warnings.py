@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from runner import demo_data
+from runner.demo import data as demo_data
 from runner.config import ModelConfig
 from runner.families import build_pipeline
 from runner.families.base import quoted

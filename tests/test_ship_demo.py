@@ -1,4 +1,4 @@
-"""Training never writes the shipped demo model; runner.ship_demo installs only a finished run."""
+"""Training never writes the shipped demo model; runner.demo.ship installs only a finished run."""
 
 import hashlib
 import json
@@ -11,9 +11,9 @@ import torch
 
 from runner.config import UserError
 from runner.families import BUILTIN
-from runner.ship_demo import check_complete, overlaps, ship
-from runner import train_demo
-from runner.train_demo import TrainConfig, train
+from runner.demo import train as train_demo
+from runner.demo.ship import check_complete, overlaps, ship
+from runner.demo.train import TrainConfig, train
 from tests.test_train_demo import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,10 +55,10 @@ def test_training_into_the_shipped_model_is_refused(tmp_path, monkeypatch, asset
 
 
 def test_cli_refusal_is_an_error_line_and_exit_2(assets_untouched):
-    res = subprocess.run([sys.executable, "-m", "runner.train_demo", "output_dir=assets/demo", "steps=1"],
+    res = subprocess.run([sys.executable, "-m", "runner.demo.train", "output_dir=assets/demo", "steps=1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr
-    assert res.stderr.startswith("error: output_dir=assets/demo is") and "runner.ship_demo" in res.stderr
+    assert res.stderr.startswith("error: output_dir=assets/demo is") and "runner.demo.ship" in res.stderr
     assert "Traceback" not in res.stderr
 
 
@@ -102,6 +102,6 @@ def test_ship_refuses_a_checkpoint_without_a_training_record(tmp_path):
 
 
 def test_the_shipped_model_is_a_finished_run():
-    # what ship_demo requires of a run holds for the model shipped today
+    # what runner.demo.ship requires of a run holds for the model shipped today
     training = check_complete(SHIPPED)
     assert training["step"] == training["config"]["steps"] == TrainConfig().steps

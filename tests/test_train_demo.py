@@ -1,4 +1,4 @@
-"""The demo training recipe (runner.train_demo): checkpoint written, loadable, resume bit-exact."""
+"""The demo training recipe (runner.demo.train): checkpoint written, loadable, resume bit-exact."""
 
 import os
 
@@ -9,7 +9,7 @@ from models.loading import read_safetensors
 from runner.config import ModelConfig
 from runner.families import build_pipeline
 from runner.sampler import shift_timestep
-from runner.train_demo import DemoArch, TrainConfig, learning_rate, sample_t, shift_ratio, train
+from runner.demo.train import DemoArch, TrainConfig, learning_rate, sample_t, shift_ratio, train
 
 # Constant lr (the decay depends on the total steps, which a resumed run must keep), so a 2-step run
 # can be continued to 4 and compared with a 4-step one.
@@ -91,7 +91,7 @@ def test_recipe_defaults_are_those_of_the_shipped_checkpoint():
     assert ours.steps == shipped["step"]
     # Not compared: where and how the run was driven (output_dir, resume, progress, logging, saving,
     # max_minutes). The recorded output_dir is where it was trained (/work/demo_run4/demo), not
-    # assets/demo: the finished run was copied there, the step runner.ship_demo now performs.
+    # assets/demo: the finished run was copied there, the step runner.demo.ship now performs.
     same = ("arch", "batch_size", "lr", "warmup", "ema_decay", "cfg_dropout", "num_frames", "size", "seed",
             "data_start", "t_uniform_until", "t_uniform_min", "t_uniform_share")
     assert all(getattr(ours, k) == getattr(shipped_cfg, k) for k in same)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runner.demo_data import PALETTE, parse_caption
+from runner.demo.data import PALETTE, parse_caption
 
 # A pixel belongs to a colour when that colour is its nearest palette entry and it lies within
 # this RGB distance. Palette colours are >= 125 apart and >= 115 from any background, so 70
@@ -32,7 +32,7 @@ MIN_NEIGHBOURS = 2
 MIN_AREA_FRACTION = 0.01
 MIN_PRESENT_FRAMES = 0.75
 # Motion thresholds, in frame fractions travelled over the whole clip (generated: 0.40 to 0.50,
-# or 0.30 to 0.35 with demo_data's edge starts).
+# or 0.30 to 0.35 with runner.demo.data's edge starts).
 STILL_MAX = 0.10  # both axes below: still
 MOVE_MIN = 0.20  # dominant axis at least this to count as moving
 CROSS_MAX = 0.5  # cross-axis displacement at most this share of the dominant one

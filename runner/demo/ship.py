@@ -1,7 +1,7 @@
-"""Install a finished `runner.train_demo` run as the shipped demo model (assets/demo).
+"""Install a finished `runner.demo.train` run as the shipped demo model (assets/demo).
 
-    python -m runner.train_demo                   # trains into runs/train_demo
-    python -m runner.ship_demo runs/train_demo    # then, once it has finished: -> assets/demo
+    python -m runner.demo.train                   # trains into runs/train_demo
+    python -m runner.demo.ship runs/train_demo    # then, once it has finished: -> assets/demo
 
 Training never writes into the shipped directory (an interrupted run would leave a half-trained
 model there, and `builtin:demo` would silently generate noise from it). Shipping is this separate,
@@ -44,7 +44,7 @@ def check_output_dir(path: str, shipped: str = SHIPPED) -> None:
             f"output_dir={path} is, contains or lies inside the shipped demo model ({shipped}); training "
             f"writes there at its first save, so an interrupted run would leave a half-trained model in "
             f"its place. Train into another directory (the default is {DEFAULT_RUN}), then install the "
-            f"finished run with: python -m runner.ship_demo {DEFAULT_RUN}"
+            f"finished run with: python -m runner.demo.ship {DEFAULT_RUN}"
         )
 
 
@@ -59,11 +59,11 @@ def check_complete(path: str) -> dict:
     step, steps = training.get("step"), (training.get("config") or {}).get("steps")
     if not isinstance(step, int) or not isinstance(steps, int):
         raise UserError(f"{path}/config.json has no training record (training.step, training.config.steps): "
-                        "only a checkpoint written by runner.train_demo can be shipped.")
+                        "only a checkpoint written by runner.demo.train can be shipped.")
     if step < steps:
         raise UserError(
             f"{path} stopped at step {step} of {steps} (interrupted or max_minutes): not shipped. Finish it "
-            f"with: python -m runner.train_demo output_dir={path} resume=true (same steps)"
+            f"with: python -m runner.demo.train output_dir={path} resume=true (same steps)"
         )
     return training
 
@@ -110,8 +110,8 @@ def ship(src: str, dest: str = SHIPPED) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m runner.ship_demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", nargs="?", default=DEFAULT_RUN, help=f"a finished train_demo output_dir (default {DEFAULT_RUN})")
+    parser = argparse.ArgumentParser(prog="python -m runner.demo.ship", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", nargs="?", default=DEFAULT_RUN, help=f"a finished runner.demo.train output_dir (default {DEFAULT_RUN})")
     args = parser.parse_args(argv)
     try:
         training = ship(args.run)

@@ -1,9 +1,9 @@
 """Train the embedded demo model: STDiT3 in pixel space plus its small text encoder, on the
-procedural captioned clips of `runner.demo_data`, with Open-Sora 1.2's rectified-flow objective.
+procedural captioned clips of `runner.demo.data`, with Open-Sora 1.2's rectified-flow objective.
 
-    python -m runner.train_demo                       # the shipped recipe -> runs/train_demo
-    python -m runner.ship_demo runs/train_demo        # once finished: install it as assets/demo
-    python -m runner.train_demo steps=200 output_dir=/tmp/demo max_minutes=5
+    python -m runner.demo.train                       # the shipped recipe -> runs/train_demo
+    python -m runner.demo.ship runs/train_demo        # once finished: install it as assets/demo
+    python -m runner.demo.train steps=200 output_dir=/tmp/demo max_minutes=5
 
 The checkpoint (EMA weights, safetensors + config.json) is written every `save_every` steps and at
 the end, atomically, so an interrupted run still leaves a usable model; `resume=true` continues
@@ -27,12 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.stdit3 import STDiT3Config, build_stdit3
 from models.text_tiny import TinyTextConfig, TinyTextEncoder, WordTokenizer
-from runner import demo_data
-from runner.config import UserError
-from runner.eval_demo import caption_response, demo_predict_x0
+from runner.config import CONF_DIR, UserError
+from runner.demo import data as demo_data
+from runner.demo.evaluate import caption_response, demo_predict_x0
+from runner.demo.ship import DEFAULT_RUN, check_output_dir
 from runner.families.demo import DemoPipeline, save_demo_dir
 from runner.sampler import shift_timestep
-from runner.ship_demo import DEFAULT_RUN, check_output_dir
 
 
 @dataclass
@@ -78,7 +78,7 @@ class TrainConfig:
     num_frames: int = 8
     size: int = 32
     seed: int = 0
-    # Never the shipped assets/demo (refused): `python -m runner.ship_demo` installs a finished run.
+    # Never the shipped assets/demo (refused): `python -m runner.demo.ship` installs a finished run.
     output_dir: str = DEFAULT_RUN
     log_every: int = 50
     save_every: int = 200
@@ -187,14 +187,14 @@ def save(pipe: DemoPipeline, ema: EMA, cfg: TrainConfig, step: int, loss: float,
     shutil.rmtree(tmp, ignore_errors=True)
     ema.swap()
     try:
-        # How far the caption words steer the layout from pure noise (eval_demo's probe, seconds):
+        # How far the caption words steer the layout from pure noise (runner.demo.evaluate's probe, seconds):
         # the direction gain is what a run must raise for the held-out captions to move as captioned.
         response = caption_response(demo_predict_x0(pipe), cfg.num_frames, cfg.size, noises=16,
                                     start=cfg.data_start)
         print(f"step {step} caption response at t = 1 (gain/cosine): "
               + ", ".join(f"{r['pair']} {r['gain']:.2f}/{r['cosine']:+.2f}" for r in response), file=sys.stderr)
         save_demo_dir(tmp, pipe, {"training": {
-            "recipe": "python -m runner.train_demo", "step": step, "ema_loss": loss,
+            "recipe": "python -m runner.demo.train", "step": step, "ema_loss": loss,
             "train_seconds": round(seconds, 1), "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
             "response": response,
         }})
@@ -286,7 +286,7 @@ def train(cfg: TrainConfig) -> dict:
 ConfigStore.instance().store(name="train_demo_base", node=TrainConfig)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train_demo")
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="train_demo")
 def _hydra_main(dcfg: DictConfig) -> None:
     try:
         train(OmegaConf.to_object(dcfg))

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from runner import demo_data as dd
-from runner import demo_eval as de
+from runner.demo import data as dd
+from runner.demo import judge as de
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
@@ -232,7 +232,7 @@ def test_colour_accuracy_is_scored_apart_from_motion():
 
 
 def test_training_split_captions_for_tuning_are_fixed_moving_and_not_held_out():
-    from runner.eval_demo import training_captions
+    from runner.demo.evaluate import training_captions
 
     caps = training_captions()
     assert caps == training_captions() and len(set(caps)) == 20

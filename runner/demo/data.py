@@ -2,7 +2,7 @@
 
 A clip is one coloured shape (circle, square or triangle) that moves left, right, up or down at a
 constant speed, or stays still, over a dark, light or textured background. Its caption comes from
-a small grammar, e.g. "a red circle moves left on a dark background", so that `runner.demo_eval`
+a small grammar, e.g. "a red circle moves left on a dark background", so that `runner.demo.judge`
 can check whether a generated video follows its caption.
 
 Some (colour, shape, motion) combinations never occur in the training split (see `HELDOUT_*`), so

@@ -2,9 +2,9 @@
 the captioned direction (and which shape)? With a cache policy selected, also PSNR/SSIM of every
 video against the uncached one with the same seed, and the DiT time of both.
 
-    python -m runner.eval_demo                          # uncached, 30 steps, 20 held-out captions
-    python -m runner.eval_demo --seeds 2 cache=adacache # any generation override after the flags
-    python -m runner.eval_demo --response-only          # seconds: how each caption word moves t = 1
+    python -m runner.demo.evaluate                          # uncached, 30 steps, 20 held-out captions
+    python -m runner.demo.evaluate --seeds 2 cache=adacache # any generation override after the flags
+    python -m runner.demo.evaluate --response-only          # seconds: how each caption word moves t = 1
 
 The caption response compares what the model predicts from pure noise (t = 1, where the sampler
 lays the clip out) for two captions that differ in one word with how the training clips' mean
@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from runner import demo_data, demo_eval
-from runner.config import Config, register_configs, resolve_device, resolve_dtype
-from runner.demo_data import HELDOUT_CAPTIONS
-from runner.generate import generate_one, prompt_seed
+from runner.config import CONF_DIR, Config, register_configs, resolve_device, resolve_dtype
+from runner.demo import data as demo_data
+from runner.demo import judge
+from runner.demo.data import HELDOUT_CAPTIONS
 from runner.families import build_pipeline
+from runner.generate import generate_one, prompt_seed
 from runner.video import to_uint8
 
 
@@ -39,8 +40,7 @@ def compose_config(overrides: list[str]) -> Config:
     from omegaconf import OmegaConf
 
     register_configs()
-    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    with initialize_config_dir(config_dir=conf, version_base=None):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
 
 
@@ -150,7 +150,7 @@ def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
     pipe = load_pipeline(cfg)
     videos, seconds = run_captions(pipe, cfg, captions, seeds)
     caps = [c for _ in range(seeds) for c in captions]
-    result = demo_eval.score(videos, caps)
+    result = judge.score(videos, caps)
     out = {
         "captions": len(caps),
         "accuracy_colour": result["accuracy_colour"],
@@ -162,8 +162,8 @@ def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
     }
     if uses_cache(cfg):
         ref, ref_seconds = run_captions(pipe, without_cache(cfg), captions, seeds)
-        out["psnr_db"] = float(np.mean([min(demo_eval.psnr(a, b), 100.0) for a, b in zip(videos, ref)]))
-        out["ssim"] = float(np.mean([demo_eval.ssim(a, b) for a, b in zip(videos, ref)]))
+        out["psnr_db"] = float(np.mean([min(judge.psnr(a, b), 100.0) for a, b in zip(videos, ref)]))
+        out["ssim"] = float(np.mean([judge.ssim(a, b) for a, b in zip(videos, ref)]))
         out["uncached_seconds"] = ref_seconds
     if cfg.height == cfg.width:
         out["response"] = caption_response(demo_predict_x0(pipe), cfg.num_frames, cfg.height, start=trained_start(pipe))
@@ -176,7 +176,8 @@ def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m runner.demo.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=1, help="seeds per caption")
     ap.add_argument("--split", choices=("heldout", "train"), default="heldout",
                     help="the held-out captions (the score), or 20 training-split ones (for tuning)")
@@ -187,7 +188,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = compose_config(["progress=false", *args.overrides])
     if cfg.model.family != "demo":
-        raise SystemExit("eval_demo scores the demo model family (model=demo)")
+        raise SystemExit("runner.demo.evaluate scores the demo model family (model=demo)")
     if args.response_only:
         res = {"response": response(cfg)}
         print_response(res["response"])
