@@ -12,7 +12,7 @@ Memory model, per process (bytes; phases do not overlap, so the peak is the larg
   latents     LATENT_COPIES fp32 latents of this rank's share (z, the CFG pair in and out, CFG, Euler)
   activations ACTIVATION_COPIES hidden states (tokens x hidden_size, run dtype) of one forward of
               this rank's tokens: the CFG pair (halved by parallel.cfg=2), rows split by parallel.sp;
-              twice that on the CPU when a hidden state is small enough for glibc's heap
+              times what the allocator holds beyond them (CUDA_RESERVE_FACTOR, CPU_HEAP_FACTOR)
   cache       hidden states a cache policy keeps between steps
   decoder     Open-Sora VAE decoder activations of one micro-batch of frames at full resolution
   video       the decoded video as float32 twice (to_uint8's chain) and as uint8 twice (frames, hash)
@@ -38,10 +38,13 @@ from runner.config import DTYPES, Config, UserError, resolve_device, resolve_dty
 # measured runs (bench/estimate_check.py: estimates 1.10-1.34x the peaks above the process baseline).
 ACTIVATION_COPIES = 16
 LATENT_COPIES = 6
-# glibc serves blocks below its largest mmap threshold (32 MiB on 64-bit) from the heap, which keeps
-# freed blocks: with hidden states below it the measured CPU peaks were about twice the live tensors.
+# What the allocator holds beyond the live tensors. CPU: glibc serves blocks below its largest mmap
+# threshold (32 MiB on 64-bit) from the heap, which keeps freed blocks: with hidden states below it
+# the measured peaks were about twice the live tensors. CUDA: PyTorch's caching allocator reserved
+# 1.25-1.36x the allocated peak on an H200 (bench/estimate_check.py --device cuda).
 CPU_HEAP_BLOCK = 32 * 2**20
 CPU_HEAP_FACTOR = 2
+CUDA_RESERVE_FACTOR = 1.3
 # Open-Sora parts counted by bench/param_counts.py (built on the meta device).
 OPENSORA_VAE_PARAMS = 393_341_007
 T5_XXL_PARAMS = 4_762_310_656
@@ -52,7 +55,9 @@ VAE_MICRO_BATCH = 4
 # Whole-model throughput relative to one square matmul (elementwise work, attention kernels). On
 # the shared 2-core build CPU the demo ran at 0.1-1.4x the matmul rate measured just before it
 # (bench/estimate_check.py): the other load moves faster than any estimate; 0.5 is a middle value.
-MATMUL_EFFICIENCY = 0.5
+# On an H200 the demo (hidden 96) ran at 0.08-0.3x of a 4096 matmul at its dtype and a random
+# STDiT3-XL/2 at 0.27-0.3x (bench/estimate_check.py --device cuda).
+MATMUL_EFFICIENCY = {"cpu": 0.5, "cuda": 0.2}
 # Appended to the refusal: how to turn the check off (set by the caller that owns the switch).
 SKIP_HINT = "; the estimate is an upper bound, the size check can be switched off"
 SLOW_STEP_S = 60.0
@@ -71,6 +76,7 @@ class Estimate:
     flops_per_step: int  # this rank's share of one forward of the CFG pair
     num_steps: int
     tokens: int  # video tokens of one forward on this rank
+    efficiency: float  # the device's MATMUL_EFFICIENCY
 
     @property
     def phases(self) -> dict[str, int]:
@@ -91,7 +97,7 @@ class Estimate:
         return max(PHASES[self.peak_phase], key=lambda k: self.parts[k])
 
     def seconds_per_step(self, flops_per_s: float) -> float:
-        return self.flops_per_step / (MATMUL_EFFICIENCY * flops_per_s)
+        return self.flops_per_step / (self.efficiency * flops_per_s)
 
 
 def stdit3_param_count(c: STDiT3Config) -> int:
@@ -151,7 +157,7 @@ def estimate(cfg: Config, sp: int = 1, cfg_parallel: int = 1, device: torch.devi
     # DSP holds whole rows of every frame, or whole frames for spatial attention: the larger share.
     tokens = batch * max(tp * -(-hp // sp) * wp, -(-tp // sp) * hp * wp)
     hidden = tokens * arch.hidden_size * size
-    heap = CPU_HEAP_FACTOR if device.type == "cpu" and hidden < CPU_HEAP_BLOCK else 1
+    held = CUDA_RESERVE_FACTOR if device.type == "cuda" else CPU_HEAP_FACTOR if hidden < CPU_HEAP_BLOCK else 1
     latent = arch.in_channels * lat[0] * lat[1] * lat[2] * 4
     cache = 0
     if cfg.cache.name == "pab":  # attention outputs of every block and kind, plus the broadcast MLPs
@@ -160,9 +166,10 @@ def estimate(cfg: Config, sp: int = 1, cfg_parallel: int = 1, device: torch.devi
         cache = 2 * tokens * arch.hidden_size * 4
     video = 3 * frames * height * width * (2 * 4 + 2)
     parts = dict(weights=weights, text=text, latents=LATENT_COPIES * -(-latent // sp),
-                 activations=ACTIVATION_COPIES * hidden * heap, cache=cache, decoder=decoder, video=video)
+                 activations=int(ACTIVATION_COPIES * hidden * held), cache=cache, decoder=decoder, video=video)
     flops = stdit3_flops(arch, 2, lat[0], lat[1], lat[2], arch.model_max_length).total
-    return Estimate(parts, flops // (sp * cfg_parallel), cfg.sampler.num_steps, tokens)
+    efficiency = MATMUL_EFFICIENCY.get(device.type, MATMUL_EFFICIENCY["cpu"])
+    return Estimate(parts, flops // (sp * cfg_parallel), cfg.sampler.num_steps, tokens, efficiency)
 
 
 # ---- what is available -------------------------------------------------------------------------
@@ -273,5 +280,5 @@ def check(cfg: Config, device: torch.device, sp: int = 1, cfg_parallel: int = 1,
     how = "a given throughput" if flops_per_s else f"a matmul measured now on {device}"
     return [f"this run will be slow: about {step_s:,.0f} s per step, {total_s / 60:,.0f} min for "
             f"{est.num_steps} steps ({est.flops_per_step / 1e12:,.2f} TFLOP per step at "
-            f"{MATMUL_EFFICIENCY:g} x {rate / 1e9:,.0f} GFLOP/s from {how}); a smaller size, fewer "
+            f"{est.efficiency:g} x {rate / 1e9:,.0f} GFLOP/s from {how}); a smaller size, fewer "
             f"sampler.num_steps, a cache policy or a GPU make it faster."]
