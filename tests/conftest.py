@@ -36,3 +36,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    """A tiny random Open-Sora 1.2 `model.weights_dir` (stdit3/, vae/, t5/ in the published layouts),
+    built once per module. Needs diffusers and transformers: modules that use it skip without them."""
+    from tests.opensora_util import write_weights_dir
+
+    return write_weights_dir(tmp_path_factory.mktemp("opensora"))

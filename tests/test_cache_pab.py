@@ -12,17 +12,14 @@ from runner.cache.pab import Schedule
 from runner.config import CacheConfig
 from runner.sampler import SamplerSettings, make_timesteps
 from tests.cache_util import inputs, run, timesteps, tiny_model
-from tests.helpers import make_cfg
+from tests.helpers import PAB_TABLE, make_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# reference cache_methods.md section 1: Open-Sora 480p 2 s (51 frames) 9:16, int(bf16(t)) per step
-TABLE = [1000, 992, 984, 976, 968, 960, 952, 940, 932, 920, 908, 892, 880, 864, 848,
-         828, 808, 788, 764, 736, 708, 676, 636, 596, 548, 492, 426, 350, 258, 143]
 WINDOW = range(9, 26)  # steps whose timestep lies strictly inside (450, 930)
 
 
-def _rows(ranges, ts=TABLE):
+def _rows(ranges, ts=PAB_TABLE):
     s = Schedule(ranges, [450, 930], True, [676, 788, 864], 2)
     rows = {x: [] for x in ("spatial", "temporal", "cross", "mlp")}
     for k, t in enumerate(ts):
@@ -34,7 +31,7 @@ def _rows(ranges, ts=TABLE):
 
 def test_the_table_is_our_sampler_for_480p_2s():
     ts = make_timesteps(SamplerSettings(num_steps=30), 480, 854, 51)
-    assert [int(torch.tensor(t).to(torch.bfloat16).item()) for t in ts] == TABLE
+    assert [int(torch.tensor(t).to(torch.bfloat16).item()) for t in ts] == PAB_TABLE
 
 
 @pytest.mark.parametrize("ranges", [(2, 4, 6), (3, 5, 7), (5, 7, 9)])
@@ -97,7 +94,7 @@ def test_reused_modules_are_not_called_and_add_their_stored_output():
     wrap = policy.wrap_model_fn
     policy.wrap_model_fn = lambda fn: wrap(
         lambda z_in, t_in, info: step.__setitem__(0, info.index) or fn(z_in, t_in, info))
-    run(model, policy, z, y, mask, ts=[float(t) for t in TABLE])
+    run(model, policy, z, y, mask, ts=[float(t) for t in PAB_TABLE])
     rep = policy.report()
     rows = _rows((2, 4, 6))
     assert rep["reuse_pattern"]["spatial"] == "".join("R" if k in rows["spatial"] else "C" for k in range(30))
@@ -127,5 +124,5 @@ def test_outside_the_window_pab_is_exactly_no_cache():
     model2 = tiny_model()
     policy2 = PAB(CFG)
     policy2.install(model2)
-    assert not torch.allclose(run(model2, policy2, z, y, mask, ts=[float(t) for t in TABLE]),
-                              run(tiny_model(), None, z, y, mask, ts=[float(t) for t in TABLE]), atol=1e-4)
+    assert not torch.allclose(run(model2, policy2, z, y, mask, ts=[float(t) for t in PAB_TABLE]),
+                              run(tiny_model(), None, z, y, mask, ts=[float(t) for t in PAB_TABLE]), atol=1e-4)

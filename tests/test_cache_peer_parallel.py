@@ -17,8 +17,8 @@ import torch
 from runner.cache import build_policy
 from runner.config import CacheConfig
 from tests.cache_util import FRAMES, SIZE, STEPS, inputs, run, sharded_run, tiny_model
-from tests.test_cache_pab import TABLE
 from tests.dist_util import DistError, run_dist
+from tests.helpers import PAB_TABLE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,7 +81,7 @@ SCHEDULED = {
     "deltadit-port": CacheConfig(name="deltadit", deltadit_rule="port", deltadit_port_layers=[0, 0]),
     "pab246": CacheConfig(name="pab", pab_mlp_blocks=[0, 1]),
 }
-PAB_TS = [float(t) for t in TABLE]  # Open-Sora 480p 2 s timesteps: the PAB window and MLP keys apply
+PAB_TS = [float(t) for t in PAB_TABLE]  # Open-Sora 480p 2 s timesteps: the PAB window and MLP keys apply
 
 
 def _spatial_attentions_run(name, rep, step):

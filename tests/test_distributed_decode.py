@@ -15,7 +15,7 @@ class VAEPipe:
 
     def __init__(self):
         from runner.families.opensora import OpenSoraPipeline
-        from tests.test_vae import tiny_vae
+        from tests.opensora_util import tiny_vae
 
         self.vae = tiny_vae().eval()
         for name in ("chunks", "decode_chunks", "decode", "frame_size"):

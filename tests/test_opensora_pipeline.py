@@ -2,7 +2,6 @@
 DIR/stdit3 (hpcai-tech/OpenSora-STDiT-v3), DIR/vae (hpcai-tech/OpenSora-VAE-v1.2), DIR/t5
 (DeepFloyd/t5-v1_1-xxl), all with the real key names and small widths."""
 
-import dataclasses
 import json
 import shutil
 
@@ -15,35 +14,19 @@ pytest.importorskip("transformers")
 from hydra.errors import HydraException  # noqa: E402
 
 from models.caption import prepare_prompt  # noqa: E402
-from models.loading import CheckpointError, save_checkpoint  # noqa: E402
-from models.stdit3 import STDiT3Config, build_stdit3  # noqa: E402
+from models.loading import CheckpointError  # noqa: E402
+from models.stdit3 import build_stdit3  # noqa: E402
 from runner.config import UserError, resolve_presets  # noqa: E402
 from runner.generate import generate, generate_one  # noqa: E402
 from runner.families.opensora import OpenSoraPipeline, build_opensora_pipeline  # noqa: E402
 from runner.video import read_video  # noqa: E402
 from tests.helpers import make_cfg  # noqa: E402
-from tests.test_t5 import TINY_T5, build_t5, build_tokenizer  # noqa: E402
-from tests.test_vae import PUBLISHED_CONFIG, TINY_SPATIAL, TINY_TEMPORAL, save_hf_layout, tiny_vae  # noqa: E402
+from tests.opensora_util import TINY_DIT, TINY_T5, build_t5, build_tokenizer, tiny_vae  # noqa: E402
 
-# caption_channels = the tiny T5's d_model; 300 tokens as published (the null caption's length).
-TINY_DIT = STDiT3Config(depth=1, hidden_size=32, num_heads=2, caption_channels=TINY_T5["d_model"])
 FAST = ("sampler.num_steps=2", "progress=false", "prompt=a cat sitting on the mat")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("opensora")
-    dit = build_stdit3(TINY_DIT, seed=1)
-    save_checkpoint(str(root / "stdit3"), dit.state_dict(),
-                    {"architectures": ["STDiT3"], "model_type": "STDiT3", **TINY_DIT.to_dict()})
-    arch = {"spatial": TINY_SPATIAL, "temporal": dataclasses.asdict(TINY_TEMPORAL)}
-    save_hf_layout(tiny_vae(), root / "vae", {**PUBLISHED_CONFIG, "arch": arch})
-    build_t5().save_pretrained(root / "t5")
-    build_tokenizer().save_pretrained(root / "t5")
-    return root
 
 
 @pytest.fixture(scope="module")

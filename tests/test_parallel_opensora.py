@@ -1,5 +1,5 @@
 """The opensora-v1.2 pipeline (T5, VAE latent, bf16-rounded conditioning size) on 2 gloo ranks
-against one process: tiny checkpoints in the published layouts (tests/test_opensora_pipeline.py)."""
+against one process: tiny checkpoints in the published layouts (the `weights_dir` fixture)."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,6 @@ from dist_util import run_dist  # noqa: E402
 from runner.generate import generate  # noqa: E402
 from runner.video import read_video  # noqa: E402
 from tests.helpers import make_cfg, output_stem  # noqa: E402
-from tests.test_opensora_pipeline import weights_dir  # noqa: E402,F401 - the module's fixture
 
 # 17 frames of 40x48 px -> latent 5 x 5 x 6: 3 patch rows (the last one half) over 2 ranks.
 ARGS = ("model=opensora-v1.2", "num_frames=17", "height=40", "width=48", "sampler.num_steps=2",
@@ -27,7 +26,7 @@ def _generate(rank, world, overrides):
 
 
 @pytest.mark.slow
-def test_opensora_pipeline_on_2_ranks_equals_one_process(weights_dir, tmp_path):  # noqa: F811
+def test_opensora_pipeline_on_2_ranks_equals_one_process(weights_dir, tmp_path):
     common = (*ARGS, f"model.weights_dir={weights_dir}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors on shared cores

@@ -14,7 +14,7 @@ from runner.families import BUILTIN
 from runner.demo import train as train_demo
 from runner.demo.ship import check_complete, overlaps, ship
 from runner.demo.train import TrainConfig, train
-from tests.test_train_demo import TINY
+from tests.helpers import TINY_TRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = BUILTIN["demo"]
@@ -50,7 +50,7 @@ def test_training_into_the_shipped_model_is_refused(tmp_path, monkeypatch, asset
             "assets/demo/run"]  # inside it
     for out in ways:
         with pytest.raises(UserError, match="shipped demo model"):
-            train(TrainConfig(steps=1, output_dir=out, **TINY))
+            train(TrainConfig(steps=1, output_dir=out, **TINY_TRAIN))
     assert not overlaps(str(tmp_path / "run"), SHIPPED) and not overlaps("assets/demo2", SHIPPED)
 
 
@@ -69,12 +69,12 @@ def test_ship_refuses_an_unfinished_run_and_installs_a_finished_one(tmp_path):
     (target / "stale.txt").write_text("from the previous model")
     before = _hashes(target)
     # max_minutes stops (and saves) after the first step: a checkpoint at step 1 of 3
-    train(TrainConfig(steps=3, output_dir=run, save_every=100, max_minutes=1e-9, **TINY))
+    train(TrainConfig(steps=3, output_dir=run, save_every=100, max_minutes=1e-9, **TINY_TRAIN))
     with pytest.raises(UserError, match="stopped at step 1 of 3"):
         ship(run, str(target))
     assert _hashes(target) == before and os.listdir(tmp_path / "assets") == ["demo"]
 
-    train(TrainConfig(steps=3, output_dir=run, save_every=100, resume=True, **TINY))
+    train(TrainConfig(steps=3, output_dir=run, save_every=100, resume=True, **TINY_TRAIN))
     training = ship(run, str(target))
     assert training["step"] == 3 == training["config"]["steps"]
     assert _hashes(target) == _hashes(run)  # exactly the run's files: the stale one is gone

@@ -8,36 +8,8 @@ tokenizers = pytest.importorskip("tokenizers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from models.loading import CheckpointError  # noqa: E402
-from models.t5 import T5_XXL_CONFIG, T5TextEncoder  # noqa: E402
-
-WORDS = "a cat dog sitting on the mat sunset over ocean aesthetic score motion camera pan left . : , 6 5".split()
-
-
-def build_tokenizer():
-    """A T5-like Unigram tokenizer (<pad>=0, </s>=1, <unk>=2, Metaspace, EOS appended)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w, -1.0) for w in WORDS]
-    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.:,"]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-
-
-TINY_T5 = dict(
-    T5_XXL_CONFIG, vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=2, num_heads=2
-)
-
-
-def build_t5(seed=0):
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    return T5EncoderModel(T5Config(**TINY_T5)).eval()
+from models.t5 import T5TextEncoder  # noqa: E402
+from tests.opensora_util import build_t5, build_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

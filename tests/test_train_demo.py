@@ -10,11 +10,7 @@ from runner.config import ModelConfig
 from runner.families import build_pipeline
 from runner.sampler import shift_timestep
 from runner.demo.train import DemoArch, TrainConfig, learning_rate, sample_t, shift_ratio, train
-
-# Constant lr (the decay depends on the total steps, which a resumed run must keep), so a 2-step run
-# can be continued to 4 and compared with a 4-step one.
-TINY = dict(arch=DemoArch(depth=1, hidden_size=32, patch_size=[1, 2, 2], num_heads=2, text_width=16, text_depth=1, text_heads=2),
-            batch_size=2, num_frames=4, size=16, warmup=2, decay_steps=0, progress=False, log_every=1000, t_shift=[3.0], t_shift_from=[2])
+from tests.helpers import TINY_TRAIN
 
 
 def _weights(path):
@@ -24,7 +20,7 @@ def _weights(path):
 def test_a_patch_wider_than_the_model_is_refused():
     # 4x4x4 RGB patches are 192 values: a 96-wide model would leave half of the noise in the video
     with pytest.raises(ValueError, match="hidden_size >= 192"):
-        train(TrainConfig(**{**TINY, "arch": DemoArch(patch_size=[4, 4, 4], hidden_size=96)}, steps=1))
+        train(TrainConfig(**{**TINY_TRAIN, "arch": DemoArch(patch_size=[4, 4, 4], hidden_size=96)}, steps=1))
 
 
 def test_shift_moves_timesteps_towards_noise():
@@ -35,12 +31,12 @@ def test_shift_moves_timesteps_towards_noise():
 
 def test_resume_continues_bit_exactly_and_the_checkpoint_generates(tmp_path):
     full = str(tmp_path / "full")
-    res = train(TrainConfig(steps=4, output_dir=full, save_every=100, **TINY))
+    res = train(TrainConfig(steps=4, output_dir=full, save_every=100, **TINY_TRAIN))
     assert res["steps"] == 4
     part = str(tmp_path / "part")
-    train(TrainConfig(steps=2, output_dir=part, save_every=100, **TINY))
+    train(TrainConfig(steps=2, output_dir=part, save_every=100, **TINY_TRAIN))
     first = _weights(part)
-    train(TrainConfig(steps=4, output_dir=part, save_every=100, resume=True, **TINY))
+    train(TrainConfig(steps=4, output_dir=part, save_every=100, resume=True, **TINY_TRAIN))
     a, b = _weights(full), _weights(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(first[k], b[k]) for k in b)  # the resumed steps did train
@@ -119,6 +115,6 @@ def test_timesteps_high_noise_phase_then_share():
     # a quarter drawn from U[0.9, 1], the rest logit-normal (of which plain_high lie above 0.9 too)
     assert abs(share_high - (0.25 + 0.75 * plain_high)) < 0.03
     with pytest.raises(ValueError, match="t_uniform"):
-        train(TrainConfig(**{**TINY, "t_uniform_share": 1.5}, steps=1))
+        train(TrainConfig(**{**TINY_TRAIN, "t_uniform_share": 1.5}, steps=1))
     with pytest.raises(ValueError, match="data_start"):
-        train(TrainConfig(**{**TINY, "data_start": "middle"}, steps=1))
+        train(TrainConfig(**{**TINY_TRAIN, "data_start": "middle"}, steps=1))

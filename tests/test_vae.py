@@ -11,55 +11,12 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from models.loading import CheckpointError  # noqa: E402
 from models.vae import (  # noqa: E402
     HF_REPO,
-    SDXL_VAE_CONFIG,
     OpenSoraVAE,
     chunk_frame_counts,
     latent_size,
 )
 from models.vae_temporal import TemporalVAE, TemporalVAEConfig  # noqa: E402
-
-# Tiny widths, real structure (4 spatial levels -> 8x, 4 temporal levels -> 4x in time).
-TINY_SPATIAL = dict(SDXL_VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
-TINY_TEMPORAL = TemporalVAEConfig(filters=8, num_res_blocks=2, num_groups=4)
-
-# config.json of hpcai-tech/OpenSora-VAE-v1.2 (a transformers VideoAutoencoderPipelineConfig)
-PUBLISHED_CONFIG = {
-    "architectures": ["VideoAutoencoderPipeline"],
-    "model_type": "VideoAutoencoderPipeline",
-    "cal_loss": False,
-    "freeze_vae_2d": False,
-    "from_pretrained": None,
-    "micro_frame_size": 17,
-    "scale": [3.85, 2.32, 2.33, 3.06],
-    "shift": [-0.1, 0.34, 0.27, 0.98],
-    "vae_2d": {
-        "type": "VideoAutoencoderKL",
-        "from_pretrained": "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers",
-        "subfolder": "vae",
-        "micro_batch_size": 4,
-        "local_files_only": False,
-    },
-    "vae_temporal": {"type": "VAE_Temporal_SD", "from_pretrained": None},
-    "torch_dtype": "float32",
-}
-
-
-def tiny_vae(seed=0, micro_batch_size=None):
-    torch.manual_seed(seed)
-    vae = OpenSoraVAE(TINY_SPATIAL, TINY_TEMPORAL, micro_batch_size=micro_batch_size).eval()
-    with torch.no_grad():  # non-trivial norms so every parameter matters
-        for p in vae.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return vae
-
-
-def save_hf_layout(vae, directory, config=PUBLISHED_CONFIG):
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config))
-    sd = {k: v.contiguous() for k, v in vae.state_dict().items()}
-    safetensors_torch.save_file(sd, str(directory / "model.safetensors"))
-    return directory
-
+from tests.opensora_util import PUBLISHED_CONFIG, TINY_SPATIAL, TINY_TEMPORAL, save_hf_layout, tiny_vae  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
