@@ -54,9 +54,6 @@ class WordTokenizer:
             mask[i, : len(toks)] = 1
         return ids, mask
 
-    def unknown_words(self, text: str) -> list[str]:
-        return [w for w in self.words(text) if w not in self.index]
-
 
 @dataclass
 class TinyTextConfig:

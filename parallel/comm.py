@@ -30,7 +30,7 @@ import math
 import pickle
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -103,9 +103,6 @@ class CommLog:
         if step is not None:
             self._steps[step] = None
 
-    def set_phase(self, phase: str) -> None:
-        self.phase = phase
-
     @contextmanager
     def in_phase(self, phase: str):
         old, self.phase = self.phase, phase
@@ -143,13 +140,6 @@ class CommLog:
         return {**total, "by_op": dict(by_op), "by_group": dict(by_group),
                 "by_phase": dict(by_phase), "outside_steps": outside,
                 "steps_without_collectives": [s for s, ops in steps.items() if not ops]}
-
-    def to_json(self, events: bool = False) -> dict:
-        """JSON-able dict (int step keys become strings under json.dumps)."""
-        d = {"summary": self.summary(), "per_step": self.per_step()}
-        if events:
-            d["events"] = [asdict(e) for e in self.events]
-        return d
 
 
 # ----------------------------------------------------------------------------- collectives

@@ -181,11 +181,6 @@ class Mesh:
         return coords_of(self.rank, self.dp, self.cfg, self.sp)[2]
 
     @property
-    def agree_rank(self) -> int:
-        """Index inside the agree group (cfg x sp of this prompt)."""
-        return self.cfg_rank * self.sp + self.sp_rank
-
-    @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
@@ -196,20 +191,8 @@ class Mesh:
         return next(g for g in group_ranks(kind, self.dp, self.cfg, self.sp) if self.rank in g)
 
     @property
-    def sp_ranks(self) -> list[int]:
-        return self.ranks("sp")
-
-    @property
-    def cfg_ranks(self) -> list[int]:
-        return self.ranks("cfg")
-
-    @property
     def agree_ranks(self) -> list[int]:
         return self.ranks("agree")
-
-    @property
-    def dp_ranks(self) -> list[int]:
-        return self.ranks("dp")
 
     def group_size(self, kind: str) -> int:
         return {"sp": self.sp, "cfg": self.cfg, "agree": self.cfg * self.sp, "dp": self.dp,
@@ -233,22 +216,6 @@ class Mesh:
         if kind not in ("world",) + GROUP_KINDS:
             raise ValueError(f"unknown group {kind!r}; expected world, {', '.join(GROUP_KINDS)}")
         return self.groups.get(kind)
-
-    @property
-    def sp_group(self):
-        return self.groups.get("sp")
-
-    @property
-    def cfg_group(self):
-        return self.groups.get("cfg")
-
-    @property
-    def agree_group(self):
-        return self.groups.get("agree")
-
-    @property
-    def dp_group(self):
-        return self.groups.get("dp")
 
     def describe(self) -> dict:
         """JSON-able summary for the run report."""

@@ -5,7 +5,7 @@ Aspect ratios are written **H:W** and sizes are (height, width), so "9:16" is *l
 
 The model sees height, width, num_frames, aspect ratio and fps as bf16 tensors, so the values
 it is conditioned on are bf16-rounded (``bf16_round``): width 854 becomes 856, which feeds the
-position-embedding scale and the timestep transform. ``model_conditioning`` returns those values.
+position-embedding scale and the timestep transform.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 import struct
 
-FPS = 24
-IMG_FPS = 120  # fps conditioning for single images (num_frames == 1)
 
 # H:W ratio name -> table key
 ASPECT_RATIOS = {
@@ -102,12 +100,6 @@ def num_frames(duration: str | int) -> int:
     return n
 
 
-def resolve_preset(resolution: str, aspect_ratio: str, duration: str | int) -> dict:
-    """-> dict(height, width, num_frames, fps=24)."""
-    height, width = image_size(resolution, aspect_ratio)
-    return dict(height=height, width=width, num_frames=num_frames(duration), fps=FPS)
-
-
 def bf16_round(x: float) -> float:
     """``x`` rounded to bfloat16 (round to nearest, ties to even), as ``torch.tensor(x,
     dtype=torch.bfloat16).item()`` gives: 854 -> 856, 426 -> 426, 1280 -> 1280."""
@@ -118,18 +110,3 @@ def bf16_round(x: float) -> float:
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
-
-def model_conditioning(height: int, width: int, num_frames: int, fps: int = FPS, *, bf16: bool = True) -> dict:
-    """The size/fps values STDiT3 is conditioned on (``prepare_multi_resolution_info("STDiT2")``):
-    height, width, num_frames, ar = height / width, fps (120 for a single image), each
-    bf16-rounded when the model runs in bf16."""
-    values = dict(
-        height=float(height),
-        width=float(width),
-        num_frames=float(num_frames),
-        ar=height / width,
-        fps=float(fps if num_frames > 1 else IMG_FPS),
-    )
-    if bf16:
-        values = {k: bf16_round(v) for k, v in values.items()}
-    return values

@@ -44,9 +44,6 @@ def test_make_batch_layout_and_range():
     video, captions = dd.make_batch(np.random.default_rng(0), 5, num_frames=8, size=32)
     assert video.shape == (5, 3, 8, 32, 32) and video.dtype == torch.float32
     assert video.min() >= -1 and video.max() <= 1 and len(captions) == 5
-    ds = dd.DemoDataset(seed=0, batch_size=5, num_frames=8)
-    v2, c2 = next(iter(ds))
-    assert torch.equal(video, v2) and captions == c2
 
 
 def test_heldout_never_sampled_in_train():

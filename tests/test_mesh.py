@@ -71,12 +71,12 @@ def test_groups_world8_dp2_cfg2_sp2():
 
     m = Mesh.layout(rank=6, world_size=8, dp=2, cfg=2, sp=2)
     assert (m.dp_rank, m.cfg_rank, m.sp_rank) == (1, 1, 0)
-    assert m.sp_ranks == [6, 7] and m.cfg_ranks == [4, 6]
-    assert m.agree_ranks == [4, 5, 6, 7] and m.dp_ranks == [2, 6]
-    assert m.agree_rank == 2 and m.group_rank("sp") == 0 and m.group_rank("dp") == 1
+    assert m.ranks("sp") == [6, 7] and m.ranks("cfg") == [4, 6]
+    assert m.agree_ranks == [4, 5, 6, 7] and m.ranks("dp") == [2, 6]
+    assert m.group_rank("agree") == 2 and m.group_rank("sp") == 0 and m.group_rank("dp") == 1
     assert m.group_leader == 4 and not m.is_group_leader
     assert Mesh.layout(4, 8, 2, 2, 2).is_group_leader
-    assert m.is_distributed and m.sp_group is None  # arithmetic only: no process group
+    assert m.is_distributed and m.process_group("sp") is None  # arithmetic only: no process group
     assert [m.group_size(k) for k in ("sp", "cfg", "agree", "dp", "world")] == [2, 2, 4, 2, 8]
 
 
@@ -97,7 +97,7 @@ def test_single_process_mesh_has_no_process_group(monkeypatch):
     m = init_mesh(ParallelConfig(sp=-1))
     assert (m.world_size, m.rank, m.dp, m.cfg, m.sp) == (1, 0, 1, 1, 1)
     assert not m.is_distributed and m.groups == {} and not dist.is_initialized()
-    assert m.is_group_leader and m.sp_ranks == [0]
+    assert m.is_group_leader and m.ranks("sp") == [0]
     m.destroy()
     with pytest.raises(ValueError, match="without torchrun"):
         init_mesh(ParallelConfig(sp=2))

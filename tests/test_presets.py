@@ -8,9 +8,7 @@ from runner.presets import (
     RESOLUTIONS,
     bf16_round,
     image_size,
-    model_conditioning,
     num_frames,
-    resolve_preset,
 )
 
 
@@ -43,16 +41,9 @@ def test_durations():
     assert num_frames(68) == 68 and num_frames("34") == 34
 
 
-def test_resolve_preset():
-    assert resolve_preset("720p", "9:16", "4s") == dict(height=720, width=1280, num_frames=102, fps=24)
-    assert resolve_preset("480p", "9:16", "2s") == dict(height=480, width=854, num_frames=51, fps=24)
-
-
 def test_latent_sizes_of_presets():
-    p = resolve_preset("720p", "9:16", "4s")
-    assert latent_size(p["num_frames"], p["height"], p["width"]) == (30, 90, 160)
-    p = resolve_preset("480p", "9:16", "2s")
-    t, h, w = latent_size(p["num_frames"], p["height"], p["width"])
+    assert latent_size(num_frames("4s"), *image_size("720p", "9:16")) == (30, 90, 160)
+    t, h, w = latent_size(num_frames("2s"), *image_size("480p", "9:16"))
     assert (t, h, w) == (15, 60, 106)
     assert (8 * h, 8 * w) == (480, 848)  # the decoded video is 848 wide
     assert latent_size(51, *image_size("360p", "9:16")) == (15, 45, 80)
@@ -71,13 +62,6 @@ def test_bf16_round():
         assert bf16_round(v) == torch.tensor(v, dtype=torch.bfloat16).item()
 
 
-def test_model_conditioning():
-    c = model_conditioning(480, 854, 51, 24)
-    assert c == dict(height=480.0, width=856.0, num_frames=51.0, ar=0.5625, fps=24.0)
-    assert model_conditioning(480, 854, 51, 24, bf16=False)["width"] == 854.0
-    assert model_conditioning(720, 1280, 1, 24)["fps"] == 120.0  # images use IMG_FPS
-
-
 @pytest.mark.parametrize(
     "call,match",
     [
@@ -85,7 +69,7 @@ def test_model_conditioning():
         (lambda: image_size("720p", "16:10"), "9:16"),
         (lambda: num_frames("3s"), "2s"),
         (lambda: num_frames(0), ">= 1"),
-        (lambda: resolve_preset("720", "9:16", "2s"), "unknown resolution"),
+        (lambda: image_size("720", "9:16"), "unknown resolution"),
         (lambda: bf16_round(float("nan")), "finite"),
     ],
 )

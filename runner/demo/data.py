@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from itertools import product
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -359,19 +359,3 @@ def make_batch(
     specs = [sample_spec(rng, split, start) for _ in range(batch_size)]
     return to_model_range(render_batch(specs, num_frames, size)), [s.caption for s in specs]
 
-
-class DemoDataset:
-    """Endless stream of training batches, deterministic given the seed."""
-
-    def __init__(self, seed: int = 0, batch_size: int = 64, num_frames: int = 16, size: int = 32,
-                 split: str = "train"):
-        self.rng = np.random.default_rng(seed)
-        self.batch_size, self.num_frames = batch_size, num_frames
-        self.size, self.split = size, split
-
-    def next_batch(self) -> tuple[torch.Tensor, list[str]]:
-        return make_batch(self.rng, self.batch_size, self.num_frames, self.size, self.split)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
-        while True:
-            yield self.next_batch()
