@@ -14,6 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def initial_value(shape: tuple[int, ...], make) -> torch.Tensor:
+    """`make()`, a parameter's or buffer's initial value; only an empty tensor of `shape` when built on
+    the meta device, where loading supplies the values: arithmetic on meta tensors runs Python
+    reference kernels that import torch._dynamo (about 1 s of start-up)."""
+    if torch.empty(0).is_meta:
+        return torch.empty(shape, dtype=torch.float32)
+    return make()
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
@@ -55,7 +64,10 @@ class CaptionEmbedder(nn.Module):
     def __init__(self, in_channels: int, hidden_size: int, token_num: int):
         super().__init__()
         self.y_proj = Mlp(in_channels, hidden_size, hidden_size)
-        self.register_buffer("y_embedding", torch.randn(token_num, in_channels) / in_channels**0.5)
+        self.register_buffer(
+            "y_embedding",
+            initial_value((token_num, in_channels), lambda: torch.randn(token_num, in_channels) / in_channels**0.5),
+        )
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.y_proj(y)
@@ -92,7 +104,9 @@ class PositionEmbedding2D(nn.Module):
         self.dim = dim
         half = dim // 2
         self.register_buffer(
-            "inv_freq", 1.0 / (10000 ** (torch.arange(0, half, 2).float() / half)), persistent=False
+            "inv_freq",
+            initial_value((half // 2,), lambda: 1.0 / (10000 ** (torch.arange(0, half, 2).float() / half))),
+            persistent=False,
         )
 
     def forward(self, hp: int, wp: int, scale: float, base_size: int, rows: tuple[int, int] | None = None):
@@ -132,7 +146,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, theta: float = 10000.0):
         super().__init__()
         # A Parameter in the reference implementation, hence a state-dict key `rope.freqs`.
-        self.freqs = nn.Parameter(1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)))
+        self.freqs = nn.Parameter(
+            initial_value((dim // 2,), lambda: 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x (..., N, D) along N with positions 0..N-1."""
@@ -221,7 +237,7 @@ class STDiT3Block(nn.Module):
         self.cross_attn = CrossAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dim)
-        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+        self.scale_shift_table = nn.Parameter(initial_value((6, dim), lambda: torch.randn(6, dim) / dim**0.5))
         # Parameter-free taps on the three residual increments, for observers outside the model
         # (forward hooks of cache policies); identity here.
         self.attn_delta = nn.Identity()
@@ -246,7 +262,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.linear = nn.Linear(dim, patch_numel * out_channels)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.scale_shift_table = nn.Parameter(initial_value((2, dim), lambda: torch.randn(2, dim) / dim**0.5))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[0], x.shape[-1]

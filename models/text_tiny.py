@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.layers import initial_value
+
 PAD, UNK, EOS = "<pad>", "<unk>", "<eos>"
 
 # Words the default vocabulary knows; anything else maps to <unk>.
@@ -67,8 +69,11 @@ class TinyTextEncoder(nn.Module):
     def __init__(self, config: TinyTextConfig, vocab_size: int):
         super().__init__()
         self.config = config
-        self.tok_embed = nn.Embedding(vocab_size, config.width)
-        self.pos_embed = nn.Parameter(torch.randn(config.max_length, config.width) * 0.02)
+        # nn.Embedding's own init (normal_) would run on meta too; same draw, same order as its default.
+        shape = (vocab_size, config.width)
+        self.tok_embed = nn.Embedding(*shape, _weight=initial_value(shape, lambda: torch.empty(shape).normal_()))
+        shape = (config.max_length, config.width)
+        self.pos_embed = nn.Parameter(initial_value(shape, lambda: torch.randn(shape) * 0.02))
         layer = nn.TransformerEncoderLayer(
             config.width, config.num_heads, 4 * config.width, dropout=0.0, batch_first=True, norm_first=True
         )
