@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from runner.cache import policy_of  # noqa: E402
+from runner.assemble import assemble  # noqa: E402
 from runner.config import resolve_device, resolve_dtype  # noqa: E402
 from runner.demo import judge  # noqa: E402
 from runner.demo.data import HELDOUT_CAPTIONS  # noqa: E402
@@ -42,21 +42,6 @@ POLICIES = ("none", "adacache", "adacache-slow", "adacache-moreg", "deltadit", "
             "pab579", "teacache-slow", "teacache", "fbcache")
 
 
-class DiTTimer:
-    """Wall time spent inside the DiT's forward (hooks on the module)."""
-
-    def __init__(self, module):
-        self.seconds, self._t0 = 0.0, None
-        module.register_forward_pre_hook(self._pre)
-        module.register_forward_hook(self._post)
-
-    def _pre(self, *_):
-        self._t0 = time.perf_counter()
-
-    def _post(self, *_):
-        self.seconds += time.perf_counter() - self._t0
-
-
 def bench(args) -> dict:
     weights = args.weights
     if weights is None and os.path.isfile(os.path.join(ROOT, "assets", "demo", "dit.safetensors")):
@@ -67,7 +52,6 @@ def bench(args) -> dict:
     cfg0 = cfgs[args.policies[0]]
     device = resolve_device(cfg0.device)
     pipe = build_pipeline(cfg0.model, device, resolve_dtype(cfg0.model.dtype, device))
-    timer = DiTTimer(pipe.dit)
     prompts = HELDOUT_CAPTIONS[: args.prompts]
     dit = {n: [[] for _ in prompts] for n in args.policies}
     total = {n: [[] for _ in prompts] for n in args.policies}
@@ -75,18 +59,19 @@ def bench(args) -> dict:
     videos, reports = {n: [] for n in args.policies}, {}
     for r in range(args.repeats):
         for name, cfg in cfgs.items():
+            job = assemble(cfg, pipe=pipe)  # this policy on the loaded model, taken off after
             for i, prompt in enumerate(prompts):
-                timer.seconds = 0.0
                 t0 = time.perf_counter()
-                video, _, _ = generate_one(pipe, cfg, prompt, prompt_seed(cfg.seed, i))
+                video, _, step_times = generate_one(job, cfg, prompt, prompt_seed(cfg.seed, i))
                 total[name][i].append(time.perf_counter() - t0)
-                dit[name][i].append(timer.seconds)
+                dit[name][i].append(sum(step_times))  # the sampling steps: model calls, CFG, Euler
                 if r == 0:
-                    rep = policy_of(pipe.dit).report()
+                    rep = job.policy.report()
                     computed[name].append(rep["num_computed"])
                     fraction[name].append(rep["computed_fraction"])
                     videos[name].append(to_uint8(video))
                     reports.setdefault(name, rep)
+            job.release()
     rows = {}
     ref = videos.get("none")
     for name in args.policies:

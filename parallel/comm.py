@@ -151,6 +151,20 @@ _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.R
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+class CollectiveError(RuntimeError):
+    """A collective of this module failed: a peer died, was killed or timed out (the first line of
+    torch's own error is kept; the original is the __cause__)."""
+
+
+@contextmanager
+def _failing_as_collective(op: str):
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - gloo/nccl raise RuntimeError, DistBackendError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CollectiveError(f"{op}: {first}") from e
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -171,10 +185,12 @@ class Comm:
     # The two data-moving primitives of all_to_all/all_gather, separate so that a dry run
     # (parallel.dry.DryComm) can count the real shapes without moving data.
     def _all_to_all_single(self, out, send, out_splits, in_splits, pg) -> None:
-        dist.all_to_all_single(out, send, out_splits, in_splits, group=pg)
+        with _failing_as_collective("all_to_all"):
+            dist.all_to_all_single(out, send, out_splits, in_splits, group=pg)
 
     def _all_gather_single(self, out, send, pg) -> None:
-        _all_gather_single(out, send, group=pg)
+        with _failing_as_collective("all_gather"):
+            _all_gather_single(out, send, group=pg)
 
     def _pg(self, group: str):
         """The process group, or None when the group has one rank (nothing to do)."""
@@ -291,7 +307,8 @@ class Comm:
         if pg is None:
             return x
         n = self.size(group)
-        dist.all_reduce(x, op=_REDUCE_OPS[op], group=pg)
+        with _failing_as_collective("all_reduce"):
+            dist.all_reduce(x, op=_REDUCE_OPS[op], group=pg)
         self.log.record("all_reduce", group, n, _nbytes(x), _nbytes(x) * (n - 1),
                         _nbytes(x) * (n - 1), tag)
         return x
@@ -304,7 +321,8 @@ class Comm:
         if pg is None:
             return x
         n, me = self.size(group), self.rank(group)
-        dist.broadcast(x, src=self.mesh.ranks(group)[src], group=pg)
+        with _failing_as_collective("broadcast"):
+            dist.broadcast(x, src=self.mesh.ranks(group)[src], group=pg)
         b = _nbytes(x)
         if me == src:
             self.log.record("broadcast", group, n, b, b * (n - 1), 0, tag)
@@ -319,7 +337,8 @@ class Comm:
             return [obj]
         n, me = self.size(group), self.rank(group)
         out = [None] * n
-        dist.all_gather_object(out, obj, group=pg)
+        with _failing_as_collective("all_gather_object"):
+            dist.all_gather_object(out, obj, group=pg)
         sizes = [len(pickle.dumps(o)) for o in out]
         self.log.record("all_gather_object", group, n, sizes[me], sizes[me] * (n - 1),
                         sum(sizes) - sizes[me], tag)
@@ -329,5 +348,6 @@ class Comm:
         pg = self._pg(group)
         if pg is None:
             return
-        dist.barrier(group=pg)
+        with _failing_as_collective("barrier"):
+            dist.barrier(group=pg)
         self.log.record("barrier", group, self.size(group), 0, 0, 0, tag)

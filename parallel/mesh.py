@@ -26,13 +26,16 @@ GROUP_KINDS = ("sp", "cfg", "agree", "dp")
 
 @dataclass
 class ParallelConfig:
-    """Parallel sizes; one of dp/cfg/sp may be -1 to take what the world size leaves."""
+    """The parallel settings (`parallel.*` of the job's config): the dp x cfg x sp mesh and the
+    sequence-parallel layout. dp * cfg * sp must equal the number of processes (torchrun's
+    WORLD_SIZE, 1 without torchrun); one of them may be -1 to take what the world size leaves."""
 
-    dp: int = 1
+    dp: int = 1  # prompt groups: prompts are dealt round-robin to the dp groups
     cfg: int = 1  # 1, or 2: conditional and unconditional halves on different ranks
-    sp: int = 1
+    sp: int = 1  # sequence parallelism: ranks sharing one video's tokens
+    layout: str = "dsp"  # dsp | ulysses (parallel/layouts.py)
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise; or any torch backend string
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # any collective (and a silent rank) waited on longer than this fails the job
 
 
 # --------------------------------------------------------------------------- sizes

@@ -53,11 +53,45 @@ def _check_prompt_override(arg: str, multirun: bool) -> None:
                         f"your home directory); {advice}.")
 
 
+def cache_fields(name: str) -> tuple[str, list[str]] | None:
+    """(config class name, its fields) of the named cache config conf/cache/NAME.yaml, or None."""
+    import dataclasses
+    import os
+
+    from omegaconf import OmegaConf
+
+    from runner.cache import CONFIGS
+    from runner.config import CONF_DIR, cache_schema
+
+    path = os.path.join(CONF_DIR, "cache", f"{name}.yaml")
+    if not os.path.isfile(path):
+        return None
+    defaults = [d for d in OmegaConf.load(path).get("defaults", []) if isinstance(d, str)]
+    for cls in CONFIGS:
+        if cache_schema(cls) in defaults:
+            return cls.__name__, [f.name for f in dataclasses.fields(cls)]
+    return None
+
+
+def _check_cache_override(arg: str, cache: str) -> None:
+    """A `cache.KEY=` override must name a field of the chosen policy's config."""
+    key = arg.split("=", 1)[0].split(".", 1)[1].lstrip("+")
+    found = cache_fields(cache)
+    if found is None or key.split(".")[0] in found[1]:
+        return
+    cls, fields = found
+    raise UserError(f"{arg.split('=', 1)[0]} is not a setting of cache={cache} ({cls}); its settings are: "
+                    f"{', '.join(fields)}.")
+
+
 def hydra_overrides(argv: list[str]) -> list[str]:
     """argv with every `--prompt TEXT` / `--prompt=TEXT` turned into a quoted override; plain
-    `prompt=` overrides are checked. Raises UserError."""
+    `prompt=` overrides are checked, and so are `cache.KEY=` overrides against the chosen policy's
+    config (its fields named in the error). Raises UserError."""
     out: list[str] = []
     multirun = "-m" in argv or "--multirun" in argv
+    caches = [a.split("=", 1)[1] for a in argv if a.startswith("cache=")]
+    cache = caches[-1] if caches and "," not in caches[-1] else "none"
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -71,6 +105,9 @@ def hydra_overrides(argv: list[str]) -> list[str]:
             out.append(quote_prompt(arg[len(_FLAG) + 1:]))
         elif arg.startswith("prompt="):
             _check_prompt_override(arg, multirun)
+            out.append(arg)
+        elif arg.startswith("cache.") and "=" in arg:
+            _check_cache_override(arg, cache)
             out.append(arg)
         else:
             out.append(arg)

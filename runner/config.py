@@ -11,10 +11,15 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from parallel.mesh import ParallelConfig
+from runner.cache import CONFIGS as CACHE_CONFIGS
+from runner.sampler import SamplerSettings
 
 
 # The Hydra configs; a path from this file, so the console script finds them from any directory and
@@ -54,117 +59,12 @@ class ModelConfig:
 
 
 @dataclass
-class SamplerConfig:
-    name: str = "rflow"
-    num_steps: int = 30
-    cfg_scale: float = 7.0
-    use_timestep_transform: bool = True
-    num_timesteps: int = 1000
-    # Fixed transform ratio instead of the size-dependent one (set by conf/model/demo.yaml).
-    timestep_shift: Optional[float] = None
-
-
-@dataclass
-class ParallelSettings:
-    """The dp x cfg x sp mesh and the sequence-parallel layout (see runner/distributed.py).
-
-    dp * cfg * sp must equal the number of processes (torchrun's WORLD_SIZE, 1 without torchrun);
-    one of them may be -1 to take the rest.
-    """
-
-    dp: int = 1  # prompt groups: prompts are dealt round-robin to the dp groups
-    cfg: int = 1  # 2: the conditional and unconditional CFG halves on different ranks
-    sp: int = 1  # sequence parallelism: ranks sharing one video's tokens
-    layout: str = "dsp"  # dsp | ulysses
-    backend: str = "auto"  # auto: nccl on CUDA devices, gloo on the CPU
-    timeout_s: float = 300.0  # any collective (and a silent rank) waited on longer than this fails the job
-
-
-@dataclass
-class CacheConfig:
-    """Feature caching (runner/cache): conf/cache/*.yaml (none, adacache, adacache-slow, adacache-moreg,
-    teacache, teacache-slow, fbcache, deltadit, deltadit-port, pab246, pab357, pab579)."""
-
-    # none | adacache | teacache | fbcache | deltadit | pab
-    name: str = "none"
-    # fast | slow: which published AdaCache codebook; for TeaCache the threshold delta (0.2 | 0.1).
-    speed: str = "fast"
-    # Use the published codebook of this many steps (30 or 100); null: the one of sampler.num_steps,
-    # or the nearest published step count (reported as approximate).
-    codebook_steps: Optional[int] = None
-    # A custom codebook instead: rate codebook_rates[i] for the first i with distance < thresholds[i],
-    # else codebook_rates[-1] (one more rate than thresholds).
-    codebook_thresholds: Optional[List[float]] = None
-    codebook_rates: Optional[List[int]] = None
-    # Layers whose residual gives the metric; null: the middle layer depth//2 - 1 (13 of 28, as released).
-    cache_loc: Optional[List[int]] = None
-    # t-attn | s-attn | ca-mlp
-    cache_res: str = "t-attn"
-    # Motion regularisation (MoReg) as released.
-    moreg: bool = False
-    # [first, last] 1-based steps; null: (4, 26) for 30 steps, (10, 90) for 100, scaled for others.
-    moreg_window: Optional[List[int]] = None
-    moreg_strides: List[int] = field(default_factory=lambda: [1])
-    moreg_norm: float = 0.385
-    moreg_power: float = 8.0
-    moreg_div: float = 1.0
-    mograd_mul: float = 10.0
-    # false: the "MoReg without gradient" ablation.
-    moreg_grad: bool = True
-    # Debug: gather every rank's decision each computed step and fail loudly on any mismatch
-    # (the content-adaptive policies: adacache, teacache, fbcache).
-    verify_agreement: bool = False
-
-    # -- TeaCache: accumulated rescaled relative L1 of block 0's modulated input against delta.
-    # delta; null: 0.1 for speed=slow, 0.2 for speed=fast (the published Open-Sora settings).
-    teacache_thresh: Optional[float] = None
-    # The rescaling polynomial, highest power first (default: the published Open-Sora 1.2 fit).
-    teacache_coefficients: List[float] = field(default_factory=lambda: [
-        2.17546007e+02, -1.18329252e+02, 2.68662585e+01, -4.59364272e-02, 4.84426240e-02])
-
-    # -- First-Block-Cache: reuse the tail residual while layer 0's residual changes less than this
-    # (relative L1 against the last computed step; diffusers' default 0.05).
-    fbcache_threshold: float = 0.05
-
-    # -- Delta-DiT: Delta-Cache of a contiguous span of blocks (counted over both kinds: 56 for
-    # Open-Sora, spatial 0, temporal 0, spatial 1, ...).
-    # paper: rear span during the first b steps, front span after, refresh every N steps and at the
-    # switch. port: the PAB authors' Open-Sora port (deltadit_port_*).
-    deltadit_rule: str = "paper"
-    # Target speed-up over block MACs; gives N = ceil(s) and N_c = ceil(N/(N-1) (N_b - N_b/s)).
-    deltadit_speedup: float = 1.6
-    # N (refresh period) and N_c (span length in blocks) directly; both or neither (then the speed-up).
-    deltadit_interval: Optional[int] = None
-    deltadit_span: Optional[int] = None
-    # Outline-stage steps that use the rear span; null: round(0.6 * steps) (the paper's 12 of 20).
-    deltadit_b: Optional[int] = None
-    # I_front, the first block of the front span (the rear span ends at the last block).
-    deltadit_front_start: int = 0
-    # port: steps [first, last] in which every gap-th step (counted from first, 1-based) skips the
-    # ST-layers [first, last] (both kinds of block); all other steps refresh.
-    deltadit_port_steps: List[int] = field(default_factory=lambda: [0, 5])
-    deltadit_port_layers: List[int] = field(default_factory=lambda: [0, 5])
-    deltadit_port_gap: int = 2
-    # Add h_in - h_out instead of h_out - h_in: the port's sign (a likely bug), to reproduce its numbers.
-    deltadit_negate: bool = False
-
-    # -- PAB (pyramid attention broadcast): reuse an attention output while lo < t < hi (bf16 t,
-    # strict) and step % range != 0; ranges for spatial, temporal, cross (PAB246: 2, 4, 6).
-    pab_ranges: List[int] = field(default_factory=lambda: [2, 4, 6])
-    pab_window: List[float] = field(default_factory=lambda: [450.0, 930.0])
-    # MLP broadcast: at int(t) in keys the listed layers' MLPs (both kinds) store, the next `skip` steps reuse.
-    pab_mlp: bool = True
-    pab_mlp_keys: List[int] = field(default_factory=lambda: [676, 788, 864])
-    pab_mlp_blocks: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    pab_mlp_skip: int = 2
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    parallel: ParallelSettings = field(default_factory=ParallelSettings)
-    cache: CacheConfig = field(default_factory=CacheConfig)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # One of the policies' typed configs (runner.cache.CONFIGS), chosen by cache=NAME (conf/cache/).
+    cache: Any = MISSING
     # One prompt, or a file with one prompt per line (blank lines and lines starting with # skipped).
     prompt: Optional[str] = None
     prompts_file: Optional[str] = None
@@ -189,14 +89,23 @@ class Config:
     # Estimate the run's memory and time from its shapes before loading anything (runner/estimate.py):
     # refuse what cannot fit, warn about what will be very slow. false skips the check.
     check_memory: bool = True
+    # torch.compile the DiT's blocks (runner/assemble.py), the last step of the assembly.
+    compile: bool = False
 
 
 FAMILIES = ("demo", "opensora-v1.2")
 
 
+def cache_schema(cls) -> str:
+    """The ConfigStore name of a policy's config in the `cache` group (conf/cache/*.yaml extend it)."""
+    return f"{cls().name}_schema"
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    for cls in CACHE_CONFIGS:
+        cs.store(group="cache", name=cache_schema(cls), node=cls)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -326,56 +235,10 @@ def validate(cfg: Config) -> None:
         problems.append(device_problem(cfg.device))
     if cfg.sampler.name != "rflow":
         problems.append(f"sampler.name={cfg.sampler.name!r} is not known; use rflow")
-    problems += cache_problems(cfg.cache)
+    if cfg.cache.name != type(cfg.cache)().name:  # the name labels the policy; it does not choose one
+        named = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "cache")) if f.endswith(".yaml"))
+        problems.append(f"cache.name={cfg.cache.name!r} does not choose a policy (this config is "
+                        f"{type(cfg.cache).__name__}); choose one with cache=NAME: {', '.join(named)}")
+    problems += cfg.cache.problems()
     if problems:
         raise UserError("invalid configuration: " + "; ".join(problems) + ".")
-
-
-def cache_problems(c: CacheConfig) -> list[str]:
-    """What is wrong with the cache settings (empty when nothing)."""
-    out = []
-    from runner.cache import POLICIES
-    from runner.cache.deltadit import RULES
-
-    if c.name not in POLICIES:
-        out.append(f"cache.name={c.name!r} is not known; use one of {', '.join(POLICIES)} (named configs: cache=none, "
-                   "adacache, adacache-slow, adacache-moreg, teacache, teacache-slow, fbcache, deltadit, "
-                   "deltadit-port, pab246, pab357, pab579)")
-    if c.speed not in ("fast", "slow"):
-        out.append(f"cache.speed={c.speed!r} is not known; use fast or slow")
-    if c.cache_res not in ("t-attn", "s-attn", "ca-mlp"):
-        out.append(f"cache.cache_res={c.cache_res!r} is not known; use t-attn, s-attn or ca-mlp")
-    from runner.cache.codebook import PUBLISHED
-
-    if c.codebook_steps is not None and (c.codebook_steps, c.speed) not in PUBLISHED:
-        known = ", ".join(f"{n} ({s})" for n, s in PUBLISHED)
-        out.append(f"cache.codebook_steps={c.codebook_steps} has no published {c.speed} codebook; use null or one of {known}")
-    if (c.codebook_thresholds is None) != (c.codebook_rates is None):
-        out.append("a custom codebook needs both cache.codebook_thresholds and cache.codebook_rates")
-    elif c.codebook_thresholds is not None:
-        th, rates = list(c.codebook_thresholds), list(c.codebook_rates)
-        if len(rates) != len(th) + 1 or any(b <= a for a, b in zip(th, th[1:])) or min(rates) < 1:
-            out.append("cache.codebook_rates needs one more rate (each >= 1) than cache.codebook_thresholds "
-                       "(strictly increasing)")
-    if c.moreg_window is not None and (len(c.moreg_window) != 2 or not 1 <= c.moreg_window[0] <= c.moreg_window[1]):
-        out.append(f"cache.moreg_window={list(c.moreg_window)} must be [first, last] 1-based steps with first <= last")
-    if not c.moreg_strides or min(c.moreg_strides) < 1:
-        out.append("cache.moreg_strides must be a non-empty list of frame strides >= 1")
-    if c.cache_loc is not None and (not c.cache_loc or min(c.cache_loc) < 0):
-        out.append("cache.cache_loc must be null or a non-empty list of layer indices >= 0")
-    if c.teacache_thresh is not None and not c.teacache_thresh > 0:
-        out.append(f"cache.teacache_thresh={c.teacache_thresh} must be > 0 (or null: 0.1 slow, 0.2 fast)")
-    if not c.fbcache_threshold > 0:
-        out.append(f"cache.fbcache_threshold={c.fbcache_threshold} must be > 0")
-    if c.deltadit_rule not in RULES:
-        out.append(f"cache.deltadit_rule={c.deltadit_rule!r} is not known; use {' or '.join(RULES)}")
-    if (c.deltadit_interval is None) != (c.deltadit_span is None):
-        out.append("set both cache.deltadit_interval (N) and cache.deltadit_span (N_c), or neither (then "
-                   "cache.deltadit_speedup gives them)")
-    elif c.deltadit_span is None and not c.deltadit_speedup > 1:
-        out.append(f"cache.deltadit_speedup={c.deltadit_speedup} must be > 1")
-    if len(c.pab_ranges) != 3 or min(c.pab_ranges, default=0) < 1:
-        out.append(f"cache.pab_ranges={list(c.pab_ranges)} must be 3 ranges >= 1 (spatial, temporal, cross)")
-    if len(c.pab_window) != 2 or not c.pab_window[0] < c.pab_window[1]:
-        out.append(f"cache.pab_window={list(c.pab_window)} must be [low, high] timesteps with low < high")
-    return out

@@ -59,7 +59,7 @@ VAE_MICRO_BATCH = 4
 # STDiT3-XL/2 at 0.27-0.3x (bench/estimate_check.py --device cuda).
 MATMUL_EFFICIENCY = {"cpu": 0.5, "cuda": 0.2}
 # Appended to the refusal: how to turn the check off (set by the caller that owns the switch).
-SKIP_HINT = "; the estimate is an upper bound, the size check can be switched off"
+SKIP_HINT = "; the estimate is an upper bound: check_memory=false skips this check"
 SLOW_STEP_S = 60.0
 SLOW_TOTAL_S = 30 * 60.0
 GB = 1e9

@@ -11,7 +11,6 @@ the seed and the settings, runner/outputs.py) with a JSON run report next to it 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -19,17 +18,15 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from models.loading import CheckpointError
-from runner import cache as cache_policies
-from runner import distributed, report as run_report
-from runner import cli
+from runner import cli, distributed, estimate, faults, report as run_report
+from runner.assemble import Job, assemble
 from runner.config import (
     CONF_DIR, Config, UserError, check_seeds, read_prompts, register_configs, resolve_device, resolve_dtype,
     resolve_presets, validate,
 )
+from runner.distributed import Parallel
 from runner.outputs import OutputDir, check_writable, is_complete, video_name
-from runner.families import build_pipeline
-from runner.sampler import SamplerSettings, check_finite, make_timesteps, sample
+from runner.sampler import check_finite, make_timesteps, sample
 from runner.video import to_uint8, write_video
 
 register_configs()
@@ -51,19 +48,17 @@ def noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tens
 
 
 @torch.no_grad()
-def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = False, cond=None, phases=None,
-                 par=None):
+def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool = False, cond=None, phases=None):
     """-> (video (3, T, H, W) in [-1, 1], final latent, per-step seconds).
 
+    `job`: the assembled job (runner/assemble.py): pipeline, parallel job, layout, cache policy.
     `cond`: the prompt's conditioning when the caller encoded a batch of prompts (else it is
     encoded here); `phases` (runner.report.Phases), if given, closes "sampling" and "decoding".
-    `par`: the job's `runner.distributed.Parallel` (default: one process). The group's ranks
-    decode a share of the chunks each; only the writer (the group leader) returns the video.
-    The cache policy of cfg.cache is installed on pipe.dit on first use (after the parallel layout),
-    reset here and told every step; its agreement all-reduce goes through `par.comm`.
+    The group's ranks decode a share of the chunks each; only the writer (the group leader)
+    returns the video.
     """
-    par = par or distributed.local()
-    settings = SamplerSettings(**{k: getattr(cfg.sampler, k) for k in ("num_steps", "cfg_scale", "use_timestep_transform", "num_timesteps", "timestep_shift")})
+    pipe, par = job.pipe, job.par
+    settings = cfg.sampler
     # The size the model is conditioned on (bf16-rounded for Open-Sora: 854 -> 856), for both the
     # position-embedding scale and the timestep transform.
     height, width = pipe.conditioning_size(cfg.height, cfg.width)
@@ -72,12 +67,8 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
     z = noise((1, *pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)), seed, pipe.device)
     run = par.start(z, cond.y, cond.mask, settings.cfg_scale)  # this rank's band and CFG half
 
-    def model_fn(z_in, t_in, info):
-        return pipe.dit(z_in, t_in, run.y, run.mask, fps=cfg.fps, height=height, width=width, rows=run.rows)
-
-    policy = cache_policies.attach(pipe.dit, cfg.cache, par.comm)
-    policy.reset()
-    model_fn = policy.wrap_model_fn(model_fn)
+    def model_fn(z_in, t_in, step):
+        return job.denoise(z_in, t_in, run.y, run.mask, step, fps=cfg.fps, height=height, width=width, rows=run.rows)
 
     step_times: list[float] = []
     bar = None
@@ -116,38 +107,44 @@ def generate_one(pipe, cfg: Config, prompt: str, seed: int, progress: bool = Fal
     return video, z, step_times
 
 
-def generate(cfg: Config) -> list[dict]:
+def generate(cfg: Config, par: Parallel | None = None) -> list[dict]:
     """Run the whole job; returns the run reports. Raises UserError / CheckpointError on bad input.
-    Whatever ends it early, no partial file stays behind, and an output directory it created and
-    left empty is removed again."""
+    `par`: the job's parallel setup when the caller made it (the CLI, for its fault handling);
+    else it is made here from cfg.parallel. Whatever ends the job early, no partial file stays
+    behind, and an output directory it created and left empty is removed again."""
     out = OutputDir(cfg.output_dir)
     try:
-        return _generate(cfg, out)
+        return _generate(cfg, out, par)
     except BaseException:
         out.discard_if_empty()
         raise
 
 
-def _generate(cfg: Config, out: OutputDir) -> list[dict]:
+def _generate(cfg: Config, out: OutputDir, par: Parallel | None) -> list[dict]:
     t_start = time.perf_counter()
     cfg = resolve_presets(cfg)
-    par = distributed.setup(cfg)  # the mesh (torchrun env, cfg.parallel); no collective before prepare
+    par = par or distributed.setup(cfg)  # the mesh (torchrun env, cfg.parallel); no collective yet
     validate(cfg)
     prompts = read_prompts(cfg)
     check_seeds(cfg.seed, len(prompts))
     check_output_dir(cfg.output_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
+    if cfg.check_memory:  # from the shapes, before anything loads (runner/estimate.py)
+        for warning in estimate.check(cfg, device, sp=par.mesh.sp, cfg_parallel=par.mesh.cfg):
+            if par.rank == 0:
+                print(f"warning: {warning}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     phases = run_report.Phases(device)
-    pipe = build_pipeline(cfg.model, device, dtype)
+    job = assemble(cfg, device, dtype, par)  # build, load, layout, cache policy, compile
+    pipe = job.pipe
     if pipe.random_weights and par.rank == 0:
         print("note: the model has random weights (model.weights is null); the videos are not meaningful.", file=sys.stderr)
     phases.end("loading")
     seeds = [prompt_seed(cfg.seed, i) for i in range(len(prompts))]
     names = [video_name(i, p, seeds[i], cfg) for i, p in enumerate(prompts)]
-    par.prepare(pipe, cfg, prompts, lambda i: is_complete(out.stem(names[i]), prompts[i], seeds[i], cfg),
-                lambda i: names[i])
+    par.skip_complete(len(prompts), lambda i: is_complete(out.stem(names[i]), prompts[i], seeds[i], cfg),
+                      lambda i: names[i])
     t_ready = time.perf_counter()
     # All prompts in one call: Open-Sora's T5 runs once and is freed before sampling. The
     # conditioning waits on the host so a long prompts file does not hold device memory.
@@ -164,9 +161,7 @@ def _generate(cfg: Config, out: OutputDir) -> list[dict]:
                 print(f"warning: prompt {index}: {note}", file=sys.stderr)
         t0 = time.perf_counter()
         video, latent, step_times = generate_one(
-            pipe, cfg, prompt, seed, progress=cfg.progress and par.is_writer, cond=conds.select(index), phases=phases,
-            par=par,
-        )
+            job, cfg, prompt, seed, progress=cfg.progress and par.is_writer, cond=conds.select(index), phases=phases)
         t_sampled = time.perf_counter()
         parallel_info = par.report()  # a collective of the group: before the leader-only part
         if not par.is_writer:
@@ -183,7 +178,7 @@ def _generate(cfg: Config, out: OutputDir) -> list[dict]:
         )
         rep["prompt_warnings"] = notes
         rep["parallel"] = parallel_info
-        rep["cache"] = cache_policies.policy_of(pipe.dit).report()
+        rep["cache"] = job.policy.report()
         path = out.write_pair(
             name, lambda tmp: write_video(tmp, frames, fps=cfg.fps), rep,
             latent_writer=(lambda tmp: torch.save(latent.cpu(), tmp)) if cfg.save_latent else None)
@@ -201,10 +196,13 @@ def to_config(cfg: DictConfig) -> Config:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(dcfg: DictConfig) -> None:
+    par = None
     try:
-        generate(to_config(dcfg))
+        cfg = to_config(dcfg)
+        par = distributed.setup(cfg)
+        generate(cfg, par)
     except BaseException as e:  # noqa: BLE001 - distributed: every rank must end, the error printed once
-        distributed.exit_on_error(e)  # one process: bad input and signals exit cleanly, the rest re-raised
+        faults.exit_on_error(e, par)  # one process: bad input and signals exit cleanly, the rest re-raised
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,14 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         overrides = cli.hydra_overrides(argv)
     except UserError as e:
-        distributed.exit_on_error(e)
+        faults.exit_on_error(e)
         return
     cli.stop_on_signals()
     sys.argv = [sys.argv[0], *overrides]
     try:
         _hydra_main()
     except cli.Interrupted as e:  # a signal while Hydra composed the config, before generate
-        distributed.exit_on_error(e)
+        faults.exit_on_error(e)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ def transform_ratio(height, width, num_frames, cond_dtype=torch.bfloat16) -> flo
 
 @dataclass
 class SamplerSettings:
+    """The sampler's settings (`sampler.*` of the job's config)."""
+
+    name: str = "rflow"  # the only sampler: Open-Sora 1.2's rectified flow
     num_steps: int = 30
     cfg_scale: float = 7.0
     use_timestep_transform: bool = True

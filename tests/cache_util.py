@@ -10,7 +10,7 @@ import json
 import torch
 
 from models.stdit3 import build_stdit3, get_config
-from runner.config import CacheConfig
+from runner.cache import AdaCacheConfig, forward
 from runner.sampler import SamplerSettings, guidance, sample
 
 STEPS = 30
@@ -34,8 +34,8 @@ def inputs(seed: int = 1, frames: int = 4, size: int = 8):
     return z, y, mask
 
 
-def cache_cfg(**kw) -> CacheConfig:
-    return dataclasses.replace(CacheConfig(name="adacache"), **kw)
+def cache_cfg(**kw) -> AdaCacheConfig:
+    return dataclasses.replace(AdaCacheConfig(), **kw)
 
 
 def timesteps(n: int = STEPS) -> list[float]:
@@ -47,12 +47,13 @@ def run(model, policy, z, y, mask, n: int = STEPS, cfg_combine=None, batch_slice
     """Sample n steps with policy (None: no cache). batch_slice: which CFG half this rank computes.
     ts: the timesteps (default: linear from 1000)."""
 
-    def model_fn(z_in, t_in, info):
+    def model_fn(z_in, t_in, step):
         yy = y if batch_slice is None else y[batch_slice]
-        return model(z_in, t_in, yy, mask)
+        if policy is None:
+            return model(z_in, t_in, yy, mask)
+        return forward(model, policy, step, z_in, t_in, yy, mask)
 
-    fn = model_fn if policy is None else policy.wrap_model_fn(model_fn)
-    return sample(fn, z, SamplerSettings(num_steps=n, use_timestep_transform=False), ts or timesteps(n), 4,
+    return sample(model_fn, z, SamplerSettings(num_steps=n, use_timestep_transform=False), ts or timesteps(n), 4,
                   cfg_combine=cfg_combine)
 
 
@@ -60,20 +61,19 @@ FRAMES, SIZE = 5, 10  # latent 5 x 10 x 10: 5 patch rows and 5 token frames, une
 
 
 @torch.no_grad()
-def sharded_run(rank, world_size, sp, cfg_size, layout, cache: CacheConfig, ts=None, depth: int = 2):
+def sharded_run(rank, world_size, sp, cfg_size, layout, cache, ts=None, depth: int = 2):
     """One cached generation on a gloo mesh (cfg x sp) under a sequence-parallel layout, the policy
     installed outside it: (assembled output, policy report, collectives per step)."""
     from parallel.comm import Comm
     from parallel.layouts import parallelize
     from parallel.mesh import ParallelConfig, init_mesh
-    from runner.cache import build_policy
 
     mesh = init_mesh(ParallelConfig(cfg=cfg_size, sp=sp, timeout_s=30))
     comm = Comm(mesh)
     model = tiny_model(depth=depth)
     z, y, mask = inputs(frames=FRAMES, size=SIZE)
     par = parallelize(model, mesh, comm, layout)  # the layout first, the cache outside it
-    policy = build_policy(cache, comm)
+    policy = cache.build(comm)
     policy.install(model)
     shard = par.shard(z.shape)
     zb = shard.slice(z).clone()
@@ -84,11 +84,12 @@ def sharded_run(rank, world_size, sp, cfg_size, layout, cache: CacheConfig, ts=N
         def cfg_combine(v):
             return guidance(*comm.all_gather(v.contiguous(), "cfg", dim=0, tag="cfg").chunk(2), 7.0)
 
-    def model_fn(z_in, t_in, info):
-        comm.log.set_step(info.index)
-        return model(z_in, t_in, yy, mask, height=SIZE, width=SIZE, rows=shard.rows)  # the whole video's size
+    def model_fn(z_in, t_in, step):
+        comm.log.set_step(step.index)
+        # the whole video's size
+        return forward(model, policy, step, z_in, t_in, yy, mask, height=SIZE, width=SIZE, rows=shard.rows)
 
-    out = sample(policy.wrap_model_fn(model_fn), zb, SamplerSettings(num_steps=STEPS, use_timestep_transform=False),
+    out = sample(model_fn, zb, SamplerSettings(num_steps=STEPS, use_timestep_transform=False),
                  ts or timesteps(), 4, cfg_combine=cfg_combine)
     comm.log.set_step(None)
     full = shard.assemble(out, comm)

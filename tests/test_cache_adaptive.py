@@ -4,7 +4,6 @@ step adds the cached residual to this step's state."""
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,9 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from runner.cache import FBCache, TeaCache, build_policy
+from runner.cache import FBCache, FBCacheConfig, TeaCache, TeaCacheConfig
 from runner.cache.teacache import OPENSORA_COEFFICIENTS, Accumulator, poly
-from runner.config import CacheConfig
 from runner.sampler import StepInfo
 from tests.cache_util import inputs, run, tiny_model
 from tests.helpers import make_cfg
@@ -47,17 +45,17 @@ def test_teacache_accumulation_first_and_last_computed():
 
 
 def test_teacache_thresholds_from_speed_and_named_configs():
-    assert TeaCache(CacheConfig(name="teacache", speed="slow")).delta == 0.1
-    assert TeaCache(CacheConfig(name="teacache", speed="fast")).delta == 0.2
-    assert TeaCache(CacheConfig(name="teacache", teacache_thresh=0.15)).delta == 0.15
-    with pytest.raises(ValueError, match="teacache_thresh"):
-        TeaCache(CacheConfig(name="teacache", speed="medium"))
+    assert TeaCache(TeaCacheConfig(speed="slow")).delta == 0.1
+    assert TeaCache(TeaCacheConfig(speed="fast")).delta == 0.2
+    assert TeaCache(TeaCacheConfig(teacache_thresh=0.15)).delta == 0.15
+    with pytest.raises(ValueError, match="TeaCache knows slow"):
+        TeaCache(TeaCacheConfig(speed="medium"))
     assert make_cfg("cache=teacache").cache.speed == "fast"
     assert make_cfg("cache=teacache-slow").cache.speed == "slow"
     fb = make_cfg("cache=fbcache").cache
     assert fb.name == "fbcache" and fb.fbcache_threshold == 0.05
     with pytest.raises(ValueError, match="fbcache_threshold"):
-        FBCache(CacheConfig(name="fbcache", fbcache_threshold=0.0))
+        FBCache(FBCacheConfig(fbcache_threshold=0.0))
 
 
 @torch.no_grad()
@@ -67,10 +65,10 @@ def test_teacache_distance_is_block0_modulated_input_and_reuse_adds_the_stack_re
     seen = []  # spatial block 0's attention input (= the modulated input) on every step it runs
     model.spatial_blocks[0].attn.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
     stage_io = []
-    policy = TeaCache(CacheConfig(name="teacache", speed="fast"))
+    policy = TeaCache(TeaCacheConfig(speed="fast"))
     policy.install(model)
-    wrapped = model.blocks
-    model.blocks = lambda e: stage_io.append((e.x.clone(), wrapped(e))) or stage_io[-1][1]
+    stage = policy.blocks  # the blocks stage's input and output on every step, computed or reused
+    policy.blocks = lambda e, step: stage_io.append((e.x.clone(), stage(e, step))) or stage_io[-1][1]
     run(model, policy, z, y, mask)
     rep = policy.report()
     pattern = rep["pattern"]
@@ -144,7 +142,7 @@ def _embedded(x):
 
 def test_fbcache_threshold_against_the_last_computed_reference():
     m = FakeDiT()
-    policy = FBCache(CacheConfig(name="fbcache", fbcache_threshold=0.05))
+    policy = FBCache(FBCacheConfig(fbcache_threshold=0.05))
     policy.install(m)
     shape = (1, 2, 3, 4)
     ones = torch.ones(shape)
@@ -159,9 +157,8 @@ def test_fbcache_threshold_against_the_last_computed_reference():
     outs = []
     for k, r in enumerate(r1):
         m.spatial_blocks[0].r = r * ones
-        policy.begin_step(StepInfo(k, len(r1), 1000.0 - k))
         x = torch.full(shape, float(k))
-        outs.append(m.blocks(_embedded(x)))
+        outs.append(policy.blocks(_embedded(x), StepInfo(k, len(r1), 1000.0 - k)))
         if policy.computed[k]:
             torch.testing.assert_close(outs[-1], x + r + 40)  # 4 tail blocks of +10
         else:
@@ -177,16 +174,14 @@ def test_fbcache_threshold_against_the_last_computed_reference():
 
 def test_fbcache_reuses_the_stale_tail_not_the_current_one():
     m = FakeDiT(2)
-    policy = FBCache(CacheConfig(name="fbcache"))
+    policy = FBCache(FBCacheConfig())
     policy.install(m)
     ones = torch.ones(1, 1, 2, 2)
     m.spatial_blocks[0].r, m.temporal_blocks[0].r = ones, 0 * ones
     m.spatial_blocks[1].r, m.temporal_blocks[1].r = 3 * ones, 0 * ones
-    policy.begin_step(StepInfo(0, 3, 1000.0))
-    m.blocks(_embedded(0 * ones))
+    policy.blocks(_embedded(0 * ones), StepInfo(0, 3, 1000.0))
     m.spatial_blocks[1].r = 100 * ones  # the tail changed, layer 0 did not: FBCache cannot see it
-    policy.begin_step(StepInfo(1, 3, 990.0))
-    out = m.blocks(_embedded(0 * ones))
+    out = policy.blocks(_embedded(0 * ones), StepInfo(1, 3, 990.0))
     torch.testing.assert_close(out, 4 * ones)
     assert policy.report()["pattern"] == "CR" and policy.bytes_held() > 0
 
@@ -197,7 +192,7 @@ def test_fbcache_on_the_tiny_model_first_step_only_and_all_steps():
     plain = run(tiny_model(), None, z, y, mask)
     for thr, want in ((1e-9, "C" * 30), (1e9, "C" + "R" * 29)):
         model = tiny_model()
-        policy = build_policy(CacheConfig(name="fbcache", fbcache_threshold=thr))
+        policy = FBCacheConfig(fbcache_threshold=thr).build()
         policy.install(model)
         out = run(model, policy, z, y, mask)
         assert policy.report()["pattern"] == want
@@ -205,7 +200,7 @@ def test_fbcache_on_the_tiny_model_first_step_only_and_all_steps():
             torch.testing.assert_close(out, plain, rtol=0, atol=0)
         else:
             assert not torch.allclose(out, plain, atol=1e-3)
-    assert dataclasses.asdict(CacheConfig(name="fbcache"))["fbcache_threshold"] == 0.05
+    assert FBCacheConfig().fbcache_threshold == 0.05
 
 
 NAMED = ["teacache", "teacache-slow", "fbcache", "deltadit", "deltadit-port", "pab246", "pab357", "pab579"]

@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.cache import DeltaDiT
+from runner.cache import DeltaDiT, DeltaDiTConfig
 from runner.cache.base import block_sequence
 from runner.cache.deltadit import budget, paper_plan, port_plan
-from runner.config import CacheConfig
 from tests.cache_util import inputs, run, tiny_model
 from tests.helpers import make_cfg
 
@@ -57,12 +56,12 @@ def test_named_configs():
     port.install(tiny_model(depth=4))  # the port's layers 0..5 on a 4-layer model: 0..3 (all 8 blocks)
     assert (port.port_layers, port.span, port.interval) == ([0, 3], 8, 2)
     with pytest.raises(ValueError, match="deltadit_port_layers"):
-        DeltaDiT(CacheConfig(name="deltadit", deltadit_rule="port", deltadit_port_layers=[4, 5])).install(
+        DeltaDiT(DeltaDiTConfig(deltadit_rule="port", deltadit_port_layers=[4, 5])).install(
             tiny_model(depth=4))
     with pytest.raises(ValueError, match="both"):
-        DeltaDiT(CacheConfig(name="deltadit", deltadit_span=3))
+        DeltaDiT(DeltaDiTConfig(deltadit_span=3))
     with pytest.raises(ValueError, match="fit"):
-        DeltaDiT(CacheConfig(name="deltadit", deltadit_interval=2, deltadit_span=3, deltadit_front_start=6)).install(
+        DeltaDiT(DeltaDiTConfig(deltadit_interval=2, deltadit_span=3, deltadit_front_start=6)).install(
             tiny_model(depth=4))
 
 
@@ -80,7 +79,7 @@ def _constant_blocks(model, idx):
     return model
 
 
-CFG = dict(name="deltadit", deltadit_interval=2, deltadit_span=3, deltadit_b=13, deltadit_front_start=1)
+CFG = dict(deltadit_interval=2, deltadit_span=3, deltadit_b=13, deltadit_front_start=1)
 
 
 @torch.no_grad()
@@ -92,17 +91,15 @@ def test_offset_exactness_and_the_skipped_blocks():
     calls = []
     for i, blk in enumerate(block_sequence(model)):
         blk.register_forward_pre_hook(lambda m, a, i=i: calls[-1].add(i))
-    policy = DeltaDiT(CacheConfig(**CFG))
+    policy = DeltaDiT(DeltaDiTConfig(**CFG))
     policy.install(model)
-    inner = policy.wrap_model_fn
+    stage = policy.blocks
 
-    def wrap(fn):
-        def counted(z_in, t_in, info):
-            calls.append(set())
-            return fn(z_in, t_in, info)
-        return inner(counted)
+    def counted(e, step):  # a new set of called blocks per step
+        calls.append(set())
+        return stage(e, step)
 
-    policy.wrap_model_fn = wrap
+    policy.blocks = counted
     got = run(model, policy, z, y, mask)
     rep = policy.report()
     # the cached steps equal running the span: x + sum(c_i) either way
@@ -125,12 +122,12 @@ def test_the_ports_sign_and_a_real_span_change_the_result():
     spans = [1, 2, 3, 5, 6, 7]
     want = run(_constant_blocks(tiny_model(depth=4), spans), None, z, y, mask)
     model = _constant_blocks(tiny_model(depth=4), spans)
-    negated = DeltaDiT(CacheConfig(**CFG, deltadit_negate=True))
+    negated = DeltaDiT(DeltaDiTConfig(**CFG, deltadit_negate=True))
     negated.install(model)
     assert not torch.allclose(run(model, negated, z, y, mask), want, atol=1e-3)
     plain = run(tiny_model(depth=4), None, z, y, mask)
     model = tiny_model(depth=4)
-    policy = DeltaDiT(CacheConfig(**CFG))
+    policy = DeltaDiT(DeltaDiTConfig(**CFG))
     policy.install(model)
     got = run(model, policy, z, y, mask)
     assert not torch.allclose(got, plain, atol=1e-4)  # real blocks: the offset is an approximation

@@ -94,17 +94,13 @@ def _generation(rank, world_size, cfg_size, kw, perturb_rank):
             both = comm.all_gather(v.contiguous(), "cfg", dim=0, tag="cfg")
             return guidance(*both.chunk(2), 7.0)
 
-    policy_fn = policy.wrap_model_fn
-    steps = []
+    stage = policy.blocks
 
-    def announce(fn):
-        def model_fn(z_in, t_in, info):
-            comm.log.set_step(info.index)
-            steps.append(info.index)
-            return fn(z_in, t_in, info)
-        return model_fn
+    def announced(e, step):  # collectives counted per step
+        comm.log.set_step(step.index)
+        return stage(e, step)
 
-    policy.wrap_model_fn = lambda fn: policy_fn(announce(fn))
+    policy.blocks = announced
     out = run(model, policy, z, y, mask, cfg_combine=cfg_combine, batch_slice=half)
     per_step = json.loads(json.dumps(comm.log.per_step()))
     mesh.destroy()

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from runner.cache import AdaCache, NoCache, policy_of
+from runner.cache import AdaCache, NoCache, forward
 from runner.generate import generate
 from runner.sampler import SamplerSettings, sample
 from tests.cache_util import STEPS, cache_cfg, inputs, run, timesteps, tiny_model
@@ -206,7 +206,8 @@ def test_state_is_reset_between_generations():
         def abort(i, phase):
             if i == 12:
                 raise KeyboardInterrupt
-        fn = pol.wrap_model_fn(lambda z_in, t_in, info: model(z_in, t_in, y, mask))
+        def fn(z_in, t_in, step):
+            return forward(model, pol, step, z_in, t_in, y, mask)
         with torch.no_grad():
             sample(fn, za, SamplerSettings(num_steps=STEPS, use_timestep_transform=False), timesteps(), 4, on_step=abort)
     assert torch.equal(run(model, pol, zb, y, mask), want)

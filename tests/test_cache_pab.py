@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.cache import PAB
+from runner.cache import PAB, PABConfig
 from runner.cache.pab import Schedule
-from runner.config import CacheConfig
 from runner.sampler import SamplerSettings, make_timesteps
 from tests.cache_util import inputs, run, timesteps, tiny_model
 from tests.helpers import PAB_TABLE, make_cfg
@@ -60,15 +59,15 @@ def test_named_configs():
         assert (c.name, c.pab_ranges, c.pab_window, c.pab_mlp_keys) == ("pab", ranges, [450.0, 930.0],
                                                                         [676, 788, 864])
     with pytest.raises(ValueError, match="pab_ranges"):
-        PAB(CacheConfig(name="pab", pab_ranges=[2, 0, 6]))
-    p = PAB(CacheConfig(name="pab"))
+        PAB(PABConfig(pab_ranges=[2, 0, 6]))
+    p = PAB(PABConfig())
     p.install(tiny_model(depth=2))  # Open-Sora's MLP layers 0-4 on a 2-layer model: 0 and 1, the rest reported
     assert (p.mlp_layers, p.mlp_layers_absent) == ([0, 1], [2, 3, 4])
     with pytest.raises(ValueError, match="pab_mlp_blocks"):
-        PAB(CacheConfig(name="pab", pab_mlp_blocks=[-1])).install(tiny_model(depth=2))
+        PAB(PABConfig(pab_mlp_blocks=[-1])).install(tiny_model(depth=2))
 
 
-CFG = CacheConfig(name="pab", pab_mlp_blocks=[1])
+CFG = PABConfig(pab_mlp_blocks=[1])
 
 
 @torch.no_grad()
@@ -91,9 +90,8 @@ def test_reused_modules_are_not_called_and_add_their_stored_output():
                 inner = blk.__dict__[tap]
                 blk.__dict__[tap] = lambda x, inner=inner, key=(kind, i, slot): added.setdefault(
                     (key, step[0]), inner(x))
-    wrap = policy.wrap_model_fn
-    policy.wrap_model_fn = lambda fn: wrap(
-        lambda z_in, t_in, info: step.__setitem__(0, info.index) or fn(z_in, t_in, info))
+    stage = policy.blocks
+    policy.blocks = lambda e, s: step.__setitem__(0, s.index) or stage(e, s)
     run(model, policy, z, y, mask, ts=[float(t) for t in PAB_TABLE])
     rep = policy.report()
     rows = _rows((2, 4, 6))
@@ -117,7 +115,7 @@ def test_outside_the_window_pab_is_exactly_no_cache():
     z, y, mask = inputs()
     plain = run(tiny_model(), None, z, y, mask)
     model = tiny_model()
-    policy = PAB(CacheConfig(name="pab", pab_mlp_blocks=[0], pab_window=[0.0, 1.0]))
+    policy = PAB(PABConfig(pab_mlp_blocks=[0], pab_window=[0.0, 1.0]))
     policy.install(model)
     torch.testing.assert_close(run(model, policy, z, y, mask), plain, rtol=0, atol=0)
     assert policy.report()["pattern"] == "C" * 30 and policy.report()["computed_fraction"] == 1.0

@@ -14,8 +14,7 @@ import dataclasses
 import pytest
 import torch
 
-from runner.cache import build_policy
-from runner.config import CacheConfig
+from runner.cache import DeltaDiTConfig, FBCacheConfig, PABConfig, TeaCacheConfig
 from tests.cache_util import FRAMES, SIZE, STEPS, inputs, run, sharded_run, tiny_model
 from tests.dist_util import DistError, run_dist
 from tests.helpers import PAB_TABLE
@@ -23,14 +22,14 @@ from tests.helpers import PAB_TABLE
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEPTH = 2
-ADAPTIVE = {"teacache": CacheConfig(name="teacache", speed="fast"),
-            "fbcache": CacheConfig(name="fbcache", fbcache_threshold=0.05)}
+ADAPTIVE = {"teacache": TeaCacheConfig(speed="fast"),
+            "fbcache": FBCacheConfig(fbcache_threshold=0.05)}
 
 
-def _single(cache: CacheConfig, ts=None):
+def _single(cache, ts=None):
     z, y, mask = inputs(frames=FRAMES, size=SIZE)
     model = tiny_model(depth=DEPTH)
-    policy = build_policy(cache)
+    policy = cache.build()
     policy.install(model)
     return run(model, policy, z, y, mask, ts=ts), policy.report()
 
@@ -77,9 +76,9 @@ def test_adaptive_hit_pattern_invariance_and_collectives(name, world, sp, cfg_si
 
 
 SCHEDULED = {
-    "deltadit": CacheConfig(name="deltadit", deltadit_interval=2, deltadit_span=2, deltadit_b=10),
-    "deltadit-port": CacheConfig(name="deltadit", deltadit_rule="port", deltadit_port_layers=[0, 0]),
-    "pab246": CacheConfig(name="pab", pab_mlp_blocks=[0, 1]),
+    "deltadit": DeltaDiTConfig(deltadit_interval=2, deltadit_span=2, deltadit_b=10),
+    "deltadit-port": DeltaDiTConfig(deltadit_rule="port", deltadit_port_layers=[0, 0]),
+    "pab246": PABConfig(pab_mlp_blocks=[0, 1]),
 }
 PAB_TS = [float(t) for t in PAB_TABLE]  # Open-Sora 480p 2 s timesteps: the PAB window and MLP keys apply
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from runner.cache import AdaCache, NoCache, attach, build_policy, detach, policy_of
+from runner.cache import AdaCache, AdaCacheConfig, NoCache, NoCacheConfig
 from runner.cache.codebook import PUBLISHED, Codebook, moreg_window, select_codebook
 from runner.cache.metric import MoRegParams, decide, motion_sums
-from runner.config import CacheConfig, UserError, validate
+from runner.config import UserError, validate
 from runner.sampler import StepInfo
 from tests.cache_util import cache_cfg
 from tests.helpers import make_cfg
@@ -73,6 +73,7 @@ class Tapped(nn.Module):
     def __init__(self):
         super().__init__()
         self.attn_delta, self.cross_delta, self.mlp_delta = nn.Identity(), nn.Identity(), nn.Identity()
+        self.attn, self.cross_attn, self.mlp = nn.Identity(), nn.Identity(), nn.Identity()
 
 
 class ScriptedDiT(nn.Module):
@@ -111,8 +112,7 @@ def drive(target, n=30, **kw):
     model.policy = pol
     outs = []
     for i in range(n):
-        pol.begin_step(StepInfo(i, n, 0.0))
-        outs.append(model.blocks(E(torch.zeros(1))))
+        outs.append(pol.blocks(E(torch.zeros(1)), StepInfo(i, n, 0.0)))
     return pol, model, outs
 
 
@@ -202,52 +202,52 @@ def test_undefined_distance_falls_back_to_the_most_conservative_rate():
     assert d.c == math.inf and d.rate == 1 and d.undefined
 
 
-def test_steps_must_be_announced_in_order_and_one_model_call_per_step():
-    pol, model, _ = drive(lambda s: 0.0, n=5)
-    with pytest.raises(RuntimeError, match="follows step"):
-        pol.begin_step(StepInfo(3, 5, 0.0))
-    pol.begin_step(StepInfo(0, 5, 0.0))
-    pol.model.blocks(E(torch.zeros(1)))
-    with pytest.raises(RuntimeError, match="twice in step 0"):
-        pol.model.blocks(E(torch.zeros(1)))
+def test_steps_must_come_in_order_and_one_model_call_per_step():
+    pol, model, _ = drive(lambda s: 0.0, n=5)  # a whole generation: the next call must be a step 0
+    with pytest.raises(RuntimeError, match="step 3 follows step None"):
+        pol.blocks(E(torch.zeros(1)), StepInfo(3, 5, 0.0))
+    pol.blocks(E(torch.zeros(1)), StepInfo(0, 5, 0.0))
+    with pytest.raises(RuntimeError, match="step 2 follows step 0"):
+        pol.blocks(E(torch.zeros(1)), StepInfo(2, 5, 0.0))
+    with pytest.raises(RuntimeError, match="step 0 follows step 0; the sampler must make one model call per step"):
+        pol.blocks(E(torch.zeros(1)), StepInfo(0, 5, 0.0))
 
 
 def test_install_uninstall_restores_the_model():
     model = ScriptedDiT(lambda s: 0.0)
-    bound = model.blocks
     pol = AdaCache(cache_cfg(cache_loc=[1], cache_res="ca-mlp"))
     pol.install(model)
     assert pol.sites == ["spatial_blocks.1.cross_delta+spatial_blocks.1.mlp_delta",
                          "temporal_blocks.1.cross_delta+temporal_blocks.1.mlp_delta"]
-    assert "blocks" in model.__dict__
+    # only the metric sites' branches are shadowed (runner/cache/branches.py); the blocks stage is not
+    assert "blocks" not in model.__dict__
+    shadowed = {(k, i, a) for k in ("spatial", "temporal") for i, b in enumerate(getattr(model, f"{k}_blocks"))
+                for a in b.__dict__ if a in ("attn", "attn_delta", "cross_attn", "cross_delta", "mlp", "mlp_delta")}
+    assert shadowed == {(k, 1, a) for k in ("spatial", "temporal") for a in ("cross_attn", "cross_delta", "mlp",
+                                                                              "mlp_delta")}
     pol.uninstall()
-    assert "blocks" not in model.__dict__ and model.blocks == bound
-    assert all(not b.cross_delta._forward_hooks for b in model.spatial_blocks)
+    assert all(not (set(b.__dict__) & {"attn", "attn_delta", "cross_attn", "cross_delta", "mlp", "mlp_delta"})
+               for b in [*model.spatial_blocks, *model.temporal_blocks])
     with pytest.raises(ValueError, match="outside 0..1"):
         AdaCache(cache_cfg(cache_loc=[2])).install(model)
 
 
-def test_attach_reuses_or_replaces_the_installed_policy():
-    model = ScriptedDiT(lambda s: 0.0)
-    a = attach(model, cache_cfg())
-    assert attach(model, cache_cfg()) is a and policy_of(model) is a
-    b = attach(model, CacheConfig())
-    assert isinstance(b, NoCache) and "blocks" not in model.__dict__
-    detach(model)
-    assert policy_of(model) is None
-    assert isinstance(build_policy(CacheConfig()), NoCache)
+def test_each_config_builds_its_policy():
+    assert isinstance(NoCacheConfig().build(), NoCache) and isinstance(AdaCacheConfig().build(), AdaCache)
+    with pytest.raises(ValueError, match="cache_res"):
+        AdaCacheConfig(cache_res="x").build()
 
 
 # ------------------------------------------------------------------------------------ config
 
 
-@pytest.mark.parametrize("name,speed,moreg", [("none", "fast", False), ("adacache", "fast", False),
-                                              ("adacache-slow", "slow", False), ("adacache-moreg", "fast", True)])
+@pytest.mark.parametrize("name,speed,moreg", [("adacache", "fast", False), ("adacache-slow", "slow", False),
+                                              ("adacache-moreg", "fast", True)])
 def test_named_configs(name, speed, moreg):
     cfg = make_cfg(f"cache={name}")
-    assert cfg.cache.name == ("none" if name == "none" else "adacache")
+    assert type(cfg.cache) is AdaCacheConfig and cfg.cache.name == "adacache"
     assert (cfg.cache.speed, cfg.cache.moreg) == (speed, moreg)
-    assert make_cfg().cache.name == "none"
+    assert type(make_cfg().cache) is NoCacheConfig and make_cfg().cache.name == "none"
 
 
 def test_config_overrides_and_validation():
@@ -256,6 +256,8 @@ def test_config_overrides_and_validation():
     assert cfg.cache.codebook_rates == [3, 2, 1] and cfg.cache.verify_agreement and cfg.cache.cache_loc == [0, 2]
     with pytest.raises(Exception, match="no_such_key"):
         make_cfg("cache=adacache", "cache.no_such_key=1")
+    with pytest.raises(Exception, match="speed"):  # a field of another policy is not one of FBCache's
+        make_cfg("cache=fbcache", "cache.speed=fast")
     for bad, msg in [("cache.cache_res=x-attn", "cache_res"), ("cache.speed=medium", "speed"),
                      ("cache.codebook_rates=[1,2]", "needs both"), ("cache.codebook_steps=50", "codebook_steps"),
                      ("cache.moreg_window=[5,2]", "moreg_window"), ("cache.moreg_strides=[0]", "strides")]:

@@ -17,6 +17,7 @@ from models.caption import prepare_prompt  # noqa: E402
 from models.loading import CheckpointError  # noqa: E402
 from models.stdit3 import build_stdit3  # noqa: E402
 from runner.config import UserError, resolve_presets  # noqa: E402
+from runner.assemble import assemble  # noqa: E402
 from runner.generate import generate, generate_one  # noqa: E402
 from runner.families.opensora import OpenSoraPipeline, build_opensora_pipeline  # noqa: E402
 from runner.video import read_video  # noqa: E402
@@ -106,11 +107,13 @@ def test_conditioning_size_is_bf16_rounded_and_reaches_the_dit(pipe, monkeypatch
     assert pipe.conditioning_size(480, 854) == (480, 856)
     assert pipe.conditioning_size(720, 1280) == (720, 1280)
     seen = []
-    forward = pipe.dit.forward
-    monkeypatch.setattr(pipe.dit, "forward", lambda *a, **k: (seen.append((k["height"], k["width"])), forward(*a, **k))[1])
+    embed = pipe.dit.embed
+    monkeypatch.setattr(pipe.dit, "embed", lambda *a, **k: (seen.append((k["height"], k["width"])), embed(*a, **k))[1])
     cfg = resolve_presets(make_cfg("model=opensora-v1.2", "model.weights_dir=x", "height=16", "width=259",
                                    "num_frames=1", *FAST))
-    video, latent, _ = generate_one(pipe, cfg, "a cat", seed=0, cond=pipe.encode_text(["a cat"]))
+    job = assemble(cfg, pipe=pipe)
+    video, latent, _ = generate_one(job, cfg, "a cat", seed=0, cond=pipe.encode_text(["a cat"]))
+    job.release()
     assert set(seen) == {(16, 260)}  # 259 -> 260 in bf16
     assert latent.shape == (1, 4, 1, 2, 32) and video.shape == (3, 1, 16, 256)  # 259 // 8 * 8
 

@@ -19,37 +19,103 @@ The sums need no padding mask: the DSP/Ulysses layouts split rows unevenly witho
 With CFG-parallel the agreement group spans the CFG pair, so the pair takes one joint decision from
 the metric over both halves, exactly as the released code (one batched [cond; uncond] forward).
 
-The residual is added in fp32 and rounded once to the model dtype; a per-block bf16 cache rounds
-after every block. The decision needs one host sync per computed step (`tolist`), none on reused steps.
+The metric residuals are the post-gate branch outputs at the sites, kept through
+runner/cache/branches.py during a computed step. The residual is added in fp32 and rounded once to
+the model dtype; a per-block bf16 cache rounds after every block. The decision needs one host sync per computed step (`tolist`), none on reused steps.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass, field
+from typing import List, Optional
+
 from runner.cache.base import (
-    BlocksStagePolicy, CacheAgreementError, add_residual, fp32_residual, json_safe, tensor_bytes,
+    AgreedPolicy, CacheAgreementError, PolicyConfig, add_residual, fp32_residual, json_safe, tensor_bytes,
 )
-from runner.cache.codebook import moreg_window, select_codebook
+from runner.cache.branches import Branches
+from runner.cache.codebook import PUBLISHED, SPEEDS, moreg_window, select_codebook
 from runner.cache.metric import MoRegParams, decide, site_sums
 
 RESIDUALS = ("t-attn", "s-attn", "ca-mlp")
 
 
-__all__ = ["AdaCache", "CacheAgreementError", "RESIDUALS"]
+__all__ = ["AdaCache", "AdaCacheConfig", "CacheAgreementError", "RESIDUALS"]
 
 
-class AdaCache(BlocksStagePolicy):
+@dataclass
+class AdaCacheConfig(PolicyConfig):
+    """cache=adacache, adacache-slow, adacache-moreg."""
+
+    name: str = "adacache"
+    # fast | slow: which published codebook.
+    speed: str = "fast"
+    # Use the published codebook of this many steps (30 or 100); null: the one of sampler.num_steps,
+    # or the nearest published step count (reported as approximate).
+    codebook_steps: Optional[int] = None
+    # A custom codebook instead: rate codebook_rates[i] for the first i with distance < thresholds[i],
+    # else codebook_rates[-1] (one more rate than thresholds).
+    codebook_thresholds: Optional[List[float]] = None
+    codebook_rates: Optional[List[int]] = None
+    # Layers whose residual gives the metric; null: the middle layer depth//2 - 1 (13 of 28, as released).
+    cache_loc: Optional[List[int]] = None
+    # t-attn | s-attn | ca-mlp
+    cache_res: str = "t-attn"
+    # Motion regularisation (MoReg) as released.
+    moreg: bool = False
+    # [first, last] 1-based steps; null: (4, 26) for 30 steps, (10, 90) for 100, scaled for others.
+    moreg_window: Optional[List[int]] = None
+    moreg_strides: List[int] = field(default_factory=lambda: [1])
+    moreg_norm: float = 0.385
+    moreg_power: float = 8.0
+    moreg_div: float = 1.0
+    mograd_mul: float = 10.0
+    # false: the "MoReg without gradient" ablation.
+    moreg_grad: bool = True
+    # Debug: gather every rank's decision each computed step and fail loudly on any mismatch.
+    verify_agreement: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.speed not in SPEEDS:
+            out.append(f"cache.speed={self.speed!r} is not known; use {' or '.join(SPEEDS)}")
+        if self.cache_res not in RESIDUALS:
+            out.append(f"cache.cache_res={self.cache_res!r} is not known; use {', '.join(RESIDUALS)}")
+        if self.codebook_steps is not None and (self.codebook_steps, self.speed) not in PUBLISHED:
+            known = ", ".join(f"{n} ({s})" for n, s in PUBLISHED)
+            out.append(f"cache.codebook_steps={self.codebook_steps} has no published {self.speed} codebook; use null "
+                       f"or one of {known}")
+        if (self.codebook_thresholds is None) != (self.codebook_rates is None):
+            out.append("a custom codebook needs both cache.codebook_thresholds and cache.codebook_rates")
+        elif self.codebook_thresholds is not None:
+            th, rates = list(self.codebook_thresholds), list(self.codebook_rates)
+            if len(rates) != len(th) + 1 or any(b <= a for a, b in zip(th, th[1:])) or min(rates) < 1:
+                out.append("cache.codebook_rates needs one more rate (each >= 1) than cache.codebook_thresholds "
+                           "(strictly increasing)")
+        w = self.moreg_window
+        if w is not None and (len(w) != 2 or not 1 <= w[0] <= w[1]):
+            out.append(f"cache.moreg_window={list(w)} must be [first, last] 1-based steps with first <= last")
+        if not self.moreg_strides or min(self.moreg_strides) < 1:
+            out.append("cache.moreg_strides must be a non-empty list of frame strides >= 1")
+        if self.cache_loc is not None and (not self.cache_loc or min(self.cache_loc) < 0):
+            out.append("cache.cache_loc must be null or a non-empty list of layer indices >= 0")
+        return out
+
+    def build(self, comm=None) -> "AdaCache":
+        return AdaCache(self, comm)
+
+
+class AdaCache(AgreedPolicy):
     name = "adacache"
 
-    def __init__(self, cfg, comm=None) -> None:
-        if cfg.cache_res not in RESIDUALS:
-            raise ValueError(f"cache.cache_res={cfg.cache_res!r} is not known; use one of {', '.join(RESIDUALS)}")
-        super().__init__(cfg, comm)
-        self._hooks = []
+    def __init__(self, cfg: AdaCacheConfig, comm=None) -> None:
+        cfg.check()
+        self.branches: Branches | None = None
+        self.site_keys: list[list[tuple]] = []  # per metric site: the branches whose outputs add up to it
         self.sites: list[str] = []
         self.layers: list[int] = []
-        self.reset()
+        super().__init__(cfg, comm)
 
     # -- installation ----------------------------------------------------------------------------
     def install(self, model) -> None:
@@ -60,36 +126,25 @@ class AdaCache(BlocksStagePolicy):
             raise ValueError(f"cache.cache_loc={layers} has layers outside 0..{depth - 1} (the model has {depth} layers)")
         super().install(model)
         self.layers = layers
-        taps = []  # per site: the tap modules whose outputs add up to the site's residual
+        sites = []
         for i in layers:
-            sb, tb = model.spatial_blocks[i], model.temporal_blocks[i]
             if self.cfg.cache_res == "t-attn":
-                taps.append([(f"temporal_blocks.{i}.attn_delta", tb.attn_delta)])
+                sites.append([("temporal", i, "self")])
             elif self.cfg.cache_res == "s-attn":
-                taps.append([(f"spatial_blocks.{i}.attn_delta", sb.attn_delta)])
+                sites.append([("spatial", i, "self")])
             else:
-                for kind, blk in (("spatial", sb), ("temporal", tb)):
-                    taps.append([(f"{kind}_blocks.{i}.cross_delta", blk.cross_delta),
-                                 (f"{kind}_blocks.{i}.mlp_delta", blk.mlp_delta)])
-        self.sites = ["+".join(name for name, _ in site) for site in taps]
-        for k, site in enumerate(taps):
-            for _, mod in site:
-                self._hooks.append(mod.register_forward_hook(self._make_hook(k)))
+                sites += [[(kind, i, "cross"), (kind, i, "mlp")] for kind in ("spatial", "temporal")]
+        self.site_keys = sites
+        names = {"self": "attn_delta", "cross": "cross_delta", "mlp": "mlp_delta"}
+        self.sites = ["+".join(f"{k}_blocks.{i}.{names[slot]}" for k, i, slot in site) for site in sites]
+        self.branches = Branches(model, [key for site in sites for key in site])
         self.reset()
 
     def uninstall(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        if self.branches is not None:
+            self.branches.remove()
+            self.branches = None
         super().uninstall()
-
-    def _make_hook(self, k: int):
-        def hook(module, inputs, output):
-            if self._collect:
-                acc = self._cur[k]
-                self._cur[k] = output.detach() if acc is None else acc + output.detach()
-
-        return hook
 
     # -- state -----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -102,8 +157,6 @@ class AdaCache(BlocksStagePolicy):
         self.decisions = []
         self._delta = None  # fp32 x_out - x_in of the blocks stage
         self._prev = None  # metric residual per site
-        self._cur = None
-        self._collect = False
 
     def _configure(self, num_steps: int) -> None:
         c = self.cfg
@@ -114,46 +167,41 @@ class AdaCache(BlocksStagePolicy):
                                      c.moreg_power, c.moreg_div, c.mograd_mul, c.moreg_grad)
         self.moreg_prev = [1.0] * len(self.sites)
 
-    def decide_compute(self, info) -> bool:
-        self.arm()
-        if info.index == 0:
-            self._configure(info.num_steps)
-        n, s = info.num_steps, info.index + 1
-        return s == self.last + self.rate or s in (1, n - 1, n)
-
     # -- the blocks stage ------------------------------------------------------------------------
-    def run_stage(self, e):
-        if not self.computed[self.index]:
+    def run(self, e, step):
+        n, s = step.num_steps, step.index + 1
+        if step.index == 0:
+            self._configure(n)
+        compute = s == self.last + self.rate or s in (1, n - 1, n)
+        self.computed[step.index] = compute
+        if not compute:
             return add_residual(e.x, self._delta)
-        self._cur = [None] * len(self.sites)
-        self._collect = True
-        try:
-            x_out = self._orig_blocks(e)
-        finally:
-            self._collect = False
-        self._after_compute(e, x_out)
-        return x_out
-
-    def _after_compute(self, e, x_out) -> None:
-        index, n = self.index, self.num_steps
-        s = index + 1
-        final = s == n
-        if any(r is None for r in self._cur):
-            raise RuntimeError(f"AdaCache: no residual seen at {self.sites}; was the model's block stage replaced?")
-        if final:  # nothing after this step can use a decision or a cache: free everything
-            self._delta = self._prev = self._cur = None
-            self.disarm()
+        self.branches.plan(keep=[key for site in self.site_keys for key in site])
+        x_out = self.model.blocks(e)
+        cur = [self._site_residual(site) for site in self.site_keys]
+        self.branches.clear()
+        if s == n:  # nothing after this step can use a decision or a cache: free everything
+            self._delta = self._prev = None
         else:
             self._delta = fp32_residual(x_out, e.x)
             if self._prev is not None:
-                self._decide(index)
-            self._prev, self._cur = self._cur, None
-            self.note_memory()
+                self._decide(step.index, cur)
+            self._prev = cur
         self.last = s
+        return x_out
 
-    def _decide(self, index: int) -> None:
+    def _site_residual(self, keys):
+        kept = self.branches.kept
+        if any(k not in kept for k in keys):
+            raise RuntimeError(f"AdaCache: no residual seen at {self.sites}; did the blocks run?")
+        total = kept[keys[0]]
+        for k in keys[1:]:
+            total = total + kept[k]
+        return total
+
+    def _decide(self, index: int, cur) -> None:
         s = index + 1
-        local = torch.cat([site_sums(p, c, s, self.moreg) for p, c in zip(self._prev, self._cur)])
+        local = torch.cat([site_sums(p, c, s, self.moreg) for p, c in zip(self._prev, cur)])
         d, prev = decide(self.agree(local), index, self.rate, self.codebook, len(self.sites), self.moreg,
                          self.moreg_prev)
         self.verify(d.step, d.key(), lambda k: f"step {k[0]} rate_prev {k[1]} -> rate {k[2]} (c={k[3]})")

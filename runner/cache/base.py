@@ -1,11 +1,19 @@
-"""The cache-policy interface.
+"""The cache-policy interface: the blocks stage of the forward, with the step passed explicitly.
 
-A policy is installed on a built (and possibly parallelized) STDiT3 from outside: it may wrap the
-model's stages on the instance and register forward hooks on the residual taps; the model files
-know nothing about it. It keeps all of its state itself, is reset at the start of every generation
-and is told each step by the sampler (`begin_step(info)`; `wrap_model_fn` does that around a
-model_fn). `report()` is a JSON-able dict: the computed/reused pattern per step, the decision
-values per computed step and the bytes it holds.
+One model call of the sampler reads, top to bottom (`forward` below, which the job runs):
+
+    e = dit.embed(x, t, y, mask, ...)          # patchify, positions, timestep and caption
+    h = policy.blocks(e, step)                 # the policy decides, then runs or reuses the blocks
+    out = dit.final(h, e)                      # final layer
+
+`policy.blocks(e, step)` is the one entry point: `step` (runner.sampler.StepInfo: index, num_steps,
+timestep) comes from the sampler, index 0 starts a generation, and every later call must be the
+next step (one model call per step). A policy decides there, from the step and, for the
+content-adaptive ones, from this step's values, and either calls the model's own blocks
+(`model.blocks(e)`, or a span of `block_sequence`) or adds what it kept. Module-level reuse inside
+the blocks goes through runner/cache/branches.py. A policy keeps all of its state itself, is
+installed once on the built (and parallelized) model by the assembly (runner/assemble.py), and
+reports per step what it computed (`report()`: a JSON-able dict).
 
 Order of wrappers (DESIGN principle 2): layout first, policy second, so that a reused stage never
 enters a wrapped collective.
@@ -14,57 +22,72 @@ enters a wrapped collective.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+
+def forward(dit, policy: "CachePolicy", step, x, t, y, mask=None, **kwargs) -> torch.Tensor:
+    """One model call: embed, the policy's blocks stage for `step`, final layer."""
+    e = dit.embed(x, t, y, mask, **kwargs)
+    return dit.final(policy.blocks(e, step), e)
 
 
 class CachePolicy:
     name = "base"
 
-    def __init__(self) -> None:
+    def __init__(self, cfg=None, comm=None) -> None:
+        self.cfg, self.comm = cfg, comm
         self.model = None
-        self.num_steps: int | None = None
-        self.computed: dict[int, bool] = {}  # 0-based step -> computed (True) / reused (False)
-        self.index: int | None = None
+        self.reset()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def install(self, model) -> None:
+        """Once, by the assembly, after the parallel layout."""
         if self.model is not None:
             raise RuntimeError(f"cache policy {self.name!r} is already installed on a model")
         self.model = model
 
     def uninstall(self) -> None:
         self.model = None
+        self.reset()
 
     def reset(self) -> None:
         """Forget everything of the previous generation."""
-        self.num_steps = None
-        self.computed = {}
-        self.index = None
+        self.num_steps: int | None = None
+        self.computed: dict[int, bool] = {}  # 0-based step -> computed everything (True) / reused something
+        self.index: int | None = None
+        self._peak = 0
 
-    def begin_step(self, info) -> None:
-        """info: runner.sampler.StepInfo (index 0-based, num_steps). Index 0 starts a generation."""
-        if info.index == 0:
+    # -- the blocks stage ------------------------------------------------------------------------
+    def blocks(self, e, step) -> torch.Tensor:
+        """The blocks stage of `step` on the embedded tokens e: decide, then run or reuse."""
+        if self.model is None:
+            raise RuntimeError(f"cache policy {self.name!r}: blocks() before install(model)")
+        if step.index == 0 and self.index == 0:
+            raise RuntimeError(f"cache policy {self.name!r}: step 0 follows step 0; the sampler must make one model "
+                               "call per step")
+        if step.index == 0:  # a new generation (also after one that ended early)
             self.reset()
-            self.num_steps = info.num_steps
-        elif self.index is None or info.index not in (self.index, self.index + 1):
-            raise RuntimeError(f"cache policy {self.name!r}: step {info.index} follows step {self.index}; "
-                               "steps must be announced in order starting at 0")
-        if info.index != self.index:
-            self.index = info.index
-            self.computed[info.index] = self.decide_compute(info)
+            self.num_steps = step.num_steps
+        elif self.index is None or step.index != self.index + 1:
+            raise RuntimeError(f"cache policy {self.name!r}: step {step.index} follows step {self.index}; the "
+                               "sampler must make one model call per step, in order from step 0")
+        self.index = step.index
+        out = self.run(e, step)
+        self._peak = max(self._peak, self.bytes_held())
+        if step.index == step.num_steps - 1:
+            self.release()
+            self.index = None  # the generation is over: the next call must be a step 0
+        return out
 
-    def decide_compute(self, info) -> bool:
-        return True
+    def run(self, e, step) -> torch.Tensor:
+        """The policy's work for one step; sets self.computed[step.index]."""
+        self.computed[step.index] = True
+        return self.model.blocks(e)
 
-    def wrap_model_fn(self, fn):
-        """model_fn(z, t, info) that announces the step before calling fn."""
-
-        def model_fn(z_in, t_in, info):
-            self.begin_step(info)
-            return fn(z_in, t_in, info)
-
-        return model_fn
+    def release(self) -> None:
+        """After the last step: drop what nothing can use any more."""
 
     # -- report ----------------------------------------------------------------------------------
     def bytes_held(self) -> int:
@@ -80,13 +103,40 @@ class CachePolicy:
             "num_computed": sum(self.computed.values()),
             "computed_fraction": self.computed_fraction(),
             "bytes_held": self.bytes_held(),
-            "bytes_held_peak": 0,
+            "bytes_held_peak": self._peak,
         }
 
     def computed_fraction(self) -> float | None:
         """The fraction of the block stack's work this generation computed (whole-stack policies:
         computed steps / steps; span and module policies count blocks or modules)."""
         return sum(self.computed.values()) / len(self.computed) if self.computed else None
+
+
+class PolicyConfig:
+    """What every policy's typed config (a dataclass registered in Hydra's `cache` group,
+    runner/config.py) offers: its problems, checked once (`validate` at start-up, and `check` when a
+    policy is built from code), and the policy it builds."""
+
+    def problems(self) -> list[str]:
+        return []
+
+    def check(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def build(self, comm=None) -> "CachePolicy":
+        raise NotImplementedError
+
+
+@dataclass
+class NoCacheConfig(PolicyConfig):
+    """cache=none."""
+
+    name: str = "none"
+
+    def build(self, comm=None) -> "NoCache":
+        return NoCache(self, comm)
 
 
 class NoCache(CachePolicy):
@@ -145,10 +195,8 @@ class AgreedPolicy(CachePolicy):
     decision (`agree`), and, with `verify_agreement`, a gather of every rank's decision key that
     raises `CacheAgreementError` on any mismatch instead of letting the ranks hang."""
 
-    def __init__(self, cfg, comm=None) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.comm = comm
+    def reset(self) -> None:
+        super().reset()
         self.all_reduces = 0
 
     def agree(self, local: torch.Tensor, tag: str = "cache-decision") -> list[float]:
@@ -170,74 +218,3 @@ class AgreedPolicy(CachePolicy):
     def agreement_report(self) -> dict:
         return {"group": "agree", "size": 1 if self.comm is None else self.comm.size("agree"),
                 "decision_all_reduces": self.all_reduces, "verified": bool(self.cfg.verify_agreement)}
-
-
-class BlocksStagePolicy(AgreedPolicy):
-    """A policy that replaces the model's blocks stage (`model.blocks(e)`) on the instance.
-
-    `run_stage(e)` does the policy's work for the current step; the wrapper runs the plain stage
-    outside a generation (no step announced) and fails when the DiT is called twice in one step.
-    Blocks are called as modules, so a layout's hooks (and collectives) run exactly for the blocks
-    that run. Subclasses call `arm()` from decide_compute and `disarm()` after the last step.
-    """
-
-    def __init__(self, cfg, comm=None) -> None:
-        super().__init__(cfg, comm)
-        self._orig_blocks = None
-        self._had_instance_blocks = False
-        self._active = False
-        self._calls = 0
-        self._peak = 0
-
-    def install(self, model) -> None:
-        super().install(model)
-        self._had_instance_blocks = "blocks" in model.__dict__
-        self._orig_blocks = model.blocks
-        model.blocks = self._blocks
-
-    def uninstall(self) -> None:
-        if self.model is None:
-            return
-        if self._had_instance_blocks:
-            self.model.blocks = self._orig_blocks
-        else:
-            del self.model.blocks
-        self._orig_blocks = None
-        self.reset()
-        super().uninstall()
-
-    def reset(self) -> None:
-        super().reset()
-        self.all_reduces = 0
-        self._active = False
-        self._calls = 0
-        self._peak = 0
-
-    def arm(self) -> None:
-        if self.model is None:
-            raise RuntimeError(f"{self.name}: begin_step before install(model)")
-        self._calls = 0
-        self._active = True
-
-    def disarm(self) -> None:
-        self._active = False
-
-    def note_memory(self) -> None:
-        self._peak = max(self._peak, self.bytes_held())
-
-    def _blocks(self, e):
-        if not self._active:  # outside a generation (no step announced): plain model
-            return self._orig_blocks(e)
-        if self._calls:
-            raise RuntimeError(f"{self.name}: the DiT was called twice in step {self.index}; the sampler must make "
-                               "one model call per step (announce each step with begin_step)")
-        self._calls += 1
-        return self.run_stage(e)
-
-    def run_stage(self, e):
-        raise NotImplementedError
-
-    def report(self) -> dict:
-        rep = super().report()
-        rep["bytes_held_peak"] = self._peak
-        return rep

@@ -27,8 +27,10 @@ are not called, so under a layout their collectives do not run either.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import List, Optional
 
-from runner.cache.base import BlocksStagePolicy, add_residual, block_sequence, run_blocks, tensor_bytes
+from runner.cache.base import CachePolicy, PolicyConfig, add_residual, block_sequence, run_blocks, tensor_bytes
 
 RULES = ("paper", "port")
 
@@ -66,19 +68,55 @@ def port_plan(num_steps: int, steps, layers, gap: int):
     return plan
 
 
-class DeltaDiT(BlocksStagePolicy):
+@dataclass
+class DeltaDiTConfig(PolicyConfig):
+    """cache=deltadit, deltadit-port. Blocks are counted over both kinds (56 for Open-Sora:
+    spatial 0, temporal 0, spatial 1, ...)."""
+
+    name: str = "deltadit"
+    # paper: rear span for the first b steps, front span after, refresh every N steps and at the switch.
+    # port: the PAB authors' Open-Sora port (deltadit_port_*).
+    deltadit_rule: str = "paper"
+    # Target speed-up over block MACs; gives N = ceil(s) and N_c = ceil(N/(N-1) (N_b - N_b/s)).
+    deltadit_speedup: float = 1.6
+    # N (refresh period) and N_c (span length in blocks) directly; both or neither (then the speed-up).
+    deltadit_interval: Optional[int] = None
+    deltadit_span: Optional[int] = None
+    # Outline-stage steps that use the rear span; null: round(0.6 * steps) (the paper's 12 of 20).
+    deltadit_b: Optional[int] = None
+    # I_front, the first block of the front span (the rear span ends at the last block).
+    deltadit_front_start: int = 0
+    # port: steps [first, last] in which every gap-th step (counted from first, 1-based) skips the
+    # ST-layers [first, last] (both kinds of block); all other steps refresh.
+    deltadit_port_steps: List[int] = field(default_factory=lambda: [0, 5])
+    deltadit_port_layers: List[int] = field(default_factory=lambda: [0, 5])
+    deltadit_port_gap: int = 2
+    # Add h_in - h_out instead of h_out - h_in: the port's sign (a likely bug), to reproduce its numbers.
+    deltadit_negate: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.deltadit_rule not in RULES:
+            out.append(f"cache.deltadit_rule={self.deltadit_rule!r} is not known; use {' or '.join(RULES)}")
+        if (self.deltadit_interval is None) != (self.deltadit_span is None):
+            out.append("set both cache.deltadit_interval (N) and cache.deltadit_span (N_c), or neither (then "
+                       "cache.deltadit_speedup gives them)")
+        elif self.deltadit_span is None and not self.deltadit_speedup > 1:
+            out.append(f"cache.deltadit_speedup={self.deltadit_speedup} must be > 1")
+        return out
+
+    def build(self, comm=None) -> "DeltaDiT":
+        return DeltaDiT(self, comm)
+
+
+class DeltaDiT(CachePolicy):
     name = "deltadit"
 
-    def __init__(self, cfg, comm=None) -> None:
-        super().__init__(cfg, comm)
-        if cfg.deltadit_rule not in RULES:
-            raise ValueError(f"cache.deltadit_rule={cfg.deltadit_rule!r} is not known; use one of {', '.join(RULES)}")
-        if (cfg.deltadit_interval is None) != (cfg.deltadit_span is None):
-            raise ValueError("set both cache.deltadit_interval (N) and cache.deltadit_span (N_c), or neither "
-                             "(then they follow cache.deltadit_speedup)")
+    def __init__(self, cfg: DeltaDiTConfig, comm=None) -> None:
+        cfg.check()
         self.seq: list = []
         self.port_layers = None
-        self.reset()
+        super().__init__(cfg, comm)
 
     def install(self, model) -> None:
         seq = block_sequence(model)
@@ -109,12 +147,6 @@ class DeltaDiT(BlocksStagePolicy):
         self.b = None
         self._delta = None
 
-    def decide_compute(self, info) -> bool:
-        self.arm()
-        if info.index == 0:
-            self.plan = self._plan(info.num_steps)
-        return self.plan[info.index][1]
-
     def _plan(self, num_steps: int):
         c = self.cfg
         if c.deltadit_rule == "port":
@@ -122,9 +154,12 @@ class DeltaDiT(BlocksStagePolicy):
         self.b = c.deltadit_b if c.deltadit_b is not None else round(0.6 * num_steps)
         return paper_plan(num_steps, len(self.seq), self.interval, self.span, self.b, c.deltadit_front_start)
 
-    def run_stage(self, e):
-        k = self.index
+    def run(self, e, step):
+        k = step.index
+        if k == 0:
+            self.plan = self._plan(step.num_steps)
         (lo, hi), refresh = self.plan[k]
+        self.computed[k] = refresh
         x = run_blocks(self.seq[:lo], e, e.x)
         if refresh:
             h_in = x
@@ -134,12 +169,10 @@ class DeltaDiT(BlocksStagePolicy):
             self._delta = d.detach() if needed else None
         else:
             x = add_residual(x, self._delta)
-        x = run_blocks(self.seq[hi:], e, x)
-        self.note_memory()
-        if k == self.num_steps - 1:
-            self._delta = None
-            self.disarm()
-        return x
+        return run_blocks(self.seq[hi:], e, x)
+
+    def release(self) -> None:
+        self._delta = None
 
     def blocks_run(self) -> list[int]:
         """Blocks called per announced step."""

@@ -18,25 +18,44 @@ layer 0's collectives (DSP: the two all-to-alls of its spatial attention), as ev
 
 from __future__ import annotations
 
-from runner.cache.base import (
-    BlocksStagePolicy, add_residual, block_sequence, fp32_residual, json_safe, run_blocks, tensor_bytes,
-)
+from dataclasses import dataclass
+
+from runner.cache.base import AgreedPolicy, PolicyConfig, add_residual, block_sequence, fp32_residual, json_safe, run_blocks, tensor_bytes
 from runner.cache.metric import l1_sums
 
 
-class FBCache(BlocksStagePolicy):
+@dataclass
+class FBCacheConfig(PolicyConfig):
+    """cache=fbcache."""
+
+    name: str = "fbcache"
+    # Reuse the tail residual while layer 0's residual changes less than this (relative L1 against
+    # the last computed step; diffusers' default 0.05).
+    fbcache_threshold: float = 0.05
+    # Debug: gather every rank's decision each step and fail loudly on any mismatch.
+    verify_agreement: bool = False
+
+    def problems(self) -> list[str]:
+        if not self.fbcache_threshold > 0:
+            return [f"cache.fbcache_threshold={self.fbcache_threshold} must be > 0 (0 never reuses)"]
+        return []
+
+    def build(self, comm=None) -> "FBCache":
+        return FBCache(self, comm)
+
+
+class FBCache(AgreedPolicy):
     name = "fbcache"
 
-    def __init__(self, cfg, comm=None) -> None:
-        super().__init__(cfg, comm)
-        if not cfg.fbcache_threshold > 0:
-            raise ValueError(f"cache.fbcache_threshold={cfg.fbcache_threshold} must be > 0 (0 never reuses)")
+    def __init__(self, cfg: FBCacheConfig, comm=None) -> None:
+        cfg.check()
         self.threshold = float(cfg.fbcache_threshold)
-        self.reset()
+        self.seq: list = []
+        super().__init__(cfg, comm)
 
     def install(self, model) -> None:
         super().install(model)
-        self.blocks = block_sequence(model)
+        self.seq = block_sequence(model)
 
     def reset(self) -> None:
         super().reset()
@@ -44,13 +63,9 @@ class FBCache(BlocksStagePolicy):
         self._ref = None  # r1 of the last computed step
         self._tail = None  # fp32 out - h1 of the last computed step
 
-    def decide_compute(self, info) -> bool:
-        self.arm()
-        return True  # provisional: decided after layer 0 (run_stage)
-
-    def run_stage(self, e):
-        k, last = self.index, self.index == self.num_steps - 1
-        h1 = run_blocks(self.blocks[:2], e, e.x)
+    def run(self, e, step):
+        k, last = step.index, step.index == step.num_steps - 1
+        h1 = run_blocks(self.seq[:2], e, e.x)
         r1 = (h1 - e.x).detach()
         compute = True
         if self._ref is not None:
@@ -62,16 +77,15 @@ class FBCache(BlocksStagePolicy):
                         lambda key: f"step {key[0]} compute={key[1]} rel={float.fromhex(key[2])}")
         self.computed[k] = compute
         if compute:
-            out = run_blocks(self.blocks[2:], e, h1)
+            out = run_blocks(self.seq[2:], e, h1)
             if not last:
                 self._tail, self._ref = fp32_residual(out, h1), r1
         else:
             out = add_residual(h1, self._tail)
-        self.note_memory()
-        if last:
-            self._tail = self._ref = None
-            self.disarm()
         return out
+
+    def release(self) -> None:
+        self._tail = self._ref = None
 
     def bytes_held(self) -> int:
         return tensor_bytes(self._tail, self._ref)

@@ -11,10 +11,8 @@ by chance, e.g. 720p 4 s meets 788 once); the decision is a host
 function of the sampler's step index and timestep: no device sync, no agreement traffic.
 
 What is stored is the branch as it is added to the residual stream, after the gate (VideoSys):
-gate_msa * attn(...), cross_attn(...), gate_mlp * mlp(...), in the model dtype. The model is not
-edited: on the block instance the module attribute (`attn`, `cross_attn`, `mlp`) and its residual
-tap (`attn_delta`, ...) are shadowed by callables; the modules themselves stay in the module tree
-(state-dict names unchanged). A reused module is not called, so a layout's hooks on it (DSP's
+gate_msa * attn(...), cross_attn(...), gate_mlp * mlp(...), in the model dtype, kept and reused
+through runner/cache/branches.py. A reused module is not called, so a layout's hooks on it (DSP's
 all-to-alls around spatial attention, Ulysses' around its kernels) do not run either. A reused
 branch still computes its (cheap) norm and modulation, which are the module's argument.
 
@@ -25,11 +23,14 @@ cross-attention, MLP).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import List
+
 import torch
 
-from runner.cache.base import CachePolicy, tensor_bytes
+from runner.cache.base import CachePolicy, PolicyConfig, tensor_bytes
+from runner.cache.branches import SLOTS, Branches
 
-SLOTS = {"self": ("attn", "attn_delta"), "cross": ("cross_attn", "cross_delta"), "mlp": ("mlp", "mlp_delta")}
 ATTENTION = ("spatial", "temporal", "cross")
 
 
@@ -62,87 +63,71 @@ class Schedule:
         return reuse, store_mlp
 
 
-class _Module:
-    """Stands for block.<module>: calls it, or (reused) returns a zero the gate multiplies away."""
+@dataclass
+class PABConfig(PolicyConfig):
+    """cache=pab246, pab357, pab579."""
 
-    def __init__(self, policy, key, module) -> None:
-        self.policy, self.key, self.module = policy, key, module
+    name: str = "pab"
+    # Reuse an attention output while lo < t < hi (bf16 t, strict) and step % range != 0; ranges for
+    # spatial, temporal, cross (PAB246: 2, 4, 6).
+    pab_ranges: List[int] = field(default_factory=lambda: [2, 4, 6])
+    pab_window: List[float] = field(default_factory=lambda: [450.0, 930.0])
+    # MLP broadcast: at int(t) in keys the listed layers' MLPs (both kinds) store, the next `skip` steps reuse.
+    pab_mlp: bool = True
+    pab_mlp_keys: List[int] = field(default_factory=lambda: [676, 788, 864])
+    pab_mlp_blocks: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    pab_mlp_skip: int = 2
 
-    def __call__(self, *args, **kwargs):
-        if self.key in self.policy.reusing:
-            return self.policy.cache[self.key].new_zeros(())
-        return self.module(*args, **kwargs)
+    def problems(self) -> list[str]:
+        out = []
+        if len(self.pab_ranges) != 3 or min(self.pab_ranges, default=0) < 1:
+            out.append(f"cache.pab_ranges={list(self.pab_ranges)} must be 3 ranges >= 1 (spatial, temporal, cross)")
+        if len(self.pab_window) != 2 or not self.pab_window[0] < self.pab_window[1]:
+            out.append(f"cache.pab_window={list(self.pab_window)} must be [low, high] timesteps with low < high")
+        if any(i < 0 for i in self.pab_mlp_blocks):
+            out.append(f"cache.pab_mlp_blocks={list(self.pab_mlp_blocks)} has negative layers")
+        if self.pab_mlp_skip < 0:
+            out.append(f"cache.pab_mlp_skip={self.pab_mlp_skip} must be >= 0")
+        return out
 
-    def __getattr__(self, name):
-        if name == "module":  # not set yet (copying): no recursion
-            raise AttributeError(name)
-        return getattr(self.module, name)
-
-
-class _Tap:
-    """Stands for block.<tap>: the branch output; stores it, or (reused) replaces it by the stored one."""
-
-    def __init__(self, policy, key, tap) -> None:
-        self.policy, self.key, self.tap = policy, key, tap
-
-    def __call__(self, x):
-        p = self.policy
-        if self.key in p.reusing:
-            return p.cache[self.key]
-        if self.key in p.storing:
-            p.cache[self.key] = x.detach()
-        return self.tap(x)
+    def build(self, comm=None) -> "PAB":
+        return PAB(self, comm)
 
 
 class PAB(CachePolicy):
     name = "pab"
 
-    def __init__(self, cfg, comm=None) -> None:
-        super().__init__()
-        if len(cfg.pab_ranges) != 3 or min(cfg.pab_ranges) < 1 or len(cfg.pab_window) != 2:
-            raise ValueError(f"cache.pab_ranges={list(cfg.pab_ranges)} must be 3 ranges >= 1 (spatial, temporal, "
-                             f"cross) and cache.pab_window={list(cfg.pab_window)} a [low, high] pair")
-        self.cfg = cfg
-        self._shadowed = []  # (block, attribute)
+    def __init__(self, cfg: PABConfig, comm=None) -> None:
+        cfg.check()
+        self.branches: Branches | None = None
         self.depth = 0
         self.mlp_layers: list[int] = []
         self.mlp_layers_absent: list[int] = []
-        self.reset()
+        super().__init__(cfg, comm)
 
     def install(self, model) -> None:
         super().install(model)
         self.depth = len(model.spatial_blocks)
-        if any(i < 0 for i in self.cfg.pab_mlp_blocks):
-            self.model = None
-            raise ValueError(f"cache.pab_mlp_blocks={list(self.cfg.pab_mlp_blocks)} has negative layers")
         # Open-Sora's layers 0-4 on a shallower model (the demo has 4): the layers it has, the rest reported.
         self.mlp_layers = [i for i in self.cfg.pab_mlp_blocks if i < self.depth]
         self.mlp_layers_absent = [i for i in self.cfg.pab_mlp_blocks if i >= self.depth]
-        for kind in ("spatial", "temporal"):
-            for i, blk in enumerate(getattr(model, f"{kind}_blocks")):
-                for slot, (mod, tap) in SLOTS.items():
-                    key = (kind, i, slot)
-                    blk.__dict__[mod] = _Module(self, key, getattr(blk, mod))
-                    blk.__dict__[tap] = _Tap(self, key, getattr(blk, tap))
-                    self._shadowed += [(blk, mod), (blk, tap)]
+        self.branches = Branches(model, [(kind, i, slot) for kind in ("spatial", "temporal")
+                                         for i in range(self.depth) for slot in SLOTS])
 
     def uninstall(self) -> None:
-        for blk, attr in self._shadowed:
-            blk.__dict__.pop(attr, None)
-        self._shadowed = []
-        self.reset()
+        if self.branches is not None:
+            self.branches.remove()
+            self.branches = None
         super().uninstall()
 
     def reset(self) -> None:
         super().reset()
         c = self.cfg
         self.schedule = Schedule(c.pab_ranges, c.pab_window, c.pab_mlp, c.pab_mlp_keys, c.pab_mlp_skip)
-        self.cache: dict = {}
-        self.reusing: set = set()
-        self.storing: set = set()
+        if self.branches is not None:
+            self.branches.clear()
         self.kinds: dict[str, list[bool]] = {x: [] for x in (*ATTENTION, "mlp")}  # per step: reused?
         self.units = [0, 0]  # module calls computed, module calls in all
-        self._peak = 0
 
     def _keys(self, kind: str):
         if kind == "cross":
@@ -151,46 +136,34 @@ class PAB(CachePolicy):
             return [(b, i, "mlp") for b in ("spatial", "temporal") for i in self.mlp_layers]
         return [(kind, i, "self") for i in range(self.depth)]
 
-    def decide_compute(self, info) -> bool:
-        if self.model is None:
-            raise RuntimeError("PAB: begin_step before install(model)")
-        want, store_mlp = self.schedule.step(info.index, info.timestep)
-        last = info.index == info.num_steps - 1
-        self.reusing, self.storing = set(), set()
+    def run(self, e, step):
+        want, store_mlp = self.schedule.step(step.index, step.timestep)
+        last = step.index == step.num_steps - 1
+        reusing, keeping = set(), set()
         lo = self.cfg.pab_window[0]
         for kind in (*ATTENTION, "mlp"):
             keys = self._keys(kind)
-            reuse = want[kind] and all(k in self.cache for k in keys)  # never reuse what was not stored
+            reuse = want[kind] and all(k in self.branches.kept for k in keys)  # never reuse what was not kept
             self.kinds[kind].append(reuse)
             if reuse:
-                self.reusing.update(keys)
-            elif not last and (store_mlp if kind == "mlp" else bf16_timestep(info.timestep) > lo):
-                self.storing.update(keys)  # attention: only while a later step can still be in the window
-        for key in list(self.cache):
-            if key not in self.reusing and key not in self.storing:
-                del self.cache[key]
+                reusing.update(keys)
+            elif not last and (store_mlp if kind == "mlp" else bf16_timestep(step.timestep) > lo):
+                keeping.update(keys)  # attention: only while a later step can still be in the window
+        self.branches.plan(reuse=reusing, keep=keeping)
         total = 6 * self.depth
-        self.units[0] += total - len(self.reusing)
+        self.units[0] += total - len(reusing)
         self.units[1] += total
-        return not self.reusing
+        self.computed[step.index] = not reusing
+        return self.model.blocks(e)
 
-    def wrap_model_fn(self, fn):
-        def model_fn(z_in, t_in, info):
-            self.begin_step(info)
-            try:
-                return fn(z_in, t_in, info)
-            finally:
-                self._peak = max(self._peak, self.bytes_held())
-                if info.index == info.num_steps - 1:
-                    self.cache, self.reusing, self.storing = {}, set(), set()
-
-        return model_fn
+    def release(self) -> None:
+        self.branches.clear()
 
     def computed_fraction(self) -> float | None:
         return self.units[0] / self.units[1] if self.units[1] else None
 
     def bytes_held(self) -> int:
-        return tensor_bytes(*self.cache.values())
+        return tensor_bytes(*self.branches.kept.values()) if self.branches is not None else 0
 
     def report(self) -> dict:
         rep = super().report()
@@ -200,7 +173,6 @@ class PAB(CachePolicy):
             "mlp": {"on": bool(c.pab_mlp), "keys": list(c.pab_mlp_keys), "layers": self.mlp_layers,
                     "layers_absent": self.mlp_layers_absent, "skip": c.pab_mlp_skip},
             "reuse_pattern": {x: "".join("R" if r else "C" for r in v) for x, v in self.kinds.items()},
-            "bytes_held_peak": self._peak,
             "bytes_kept": "post-gate branch outputs of the broadcast modules (model dtype)",
         })
         return rep

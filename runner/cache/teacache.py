@@ -23,11 +23,13 @@ modulation of the embedded shard per step.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 
 from models.layers import modulate
-from runner.cache.base import BlocksStagePolicy, add_residual, fp32_residual, json_safe, tensor_bytes
+from runner.cache.base import AgreedPolicy, PolicyConfig, add_residual, fp32_residual, json_safe, tensor_bytes
 from runner.cache.metric import l1_sums
 
 # Open-Sora 1.2's rescaling polynomial (TeaCache eval/teacache/experiments/opensora.py), highest power first.
@@ -72,17 +74,42 @@ class Accumulator:
         return compute, rescaled
 
 
-class TeaCache(BlocksStagePolicy):
+@dataclass
+class TeaCacheConfig(PolicyConfig):
+    """cache=teacache, teacache-slow."""
+
+    name: str = "teacache"
+    # fast | slow: the published Open-Sora thresholds delta 0.2 | 0.1.
+    speed: str = "fast"
+    # delta itself; null: from speed.
+    teacache_thresh: Optional[float] = None
+    # The rescaling polynomial, highest power first (default: the published Open-Sora 1.2 fit).
+    teacache_coefficients: List[float] = field(default_factory=lambda: list(OPENSORA_COEFFICIENTS))
+    # Debug: gather every rank's decision each step and fail loudly on any mismatch.
+    verify_agreement: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.speed not in THRESHOLDS:
+            out.append(f"cache.speed={self.speed!r} is not known; TeaCache knows slow (delta 0.1) and fast (0.2)")
+        if self.teacache_thresh is not None and not self.teacache_thresh > 0:
+            out.append(f"cache.teacache_thresh={self.teacache_thresh} must be > 0 (or null: 0.1 slow, 0.2 fast)")
+        if not self.teacache_coefficients:
+            out.append("cache.teacache_coefficients must hold at least one coefficient")
+        return out
+
+    def build(self, comm=None) -> "TeaCache":
+        return TeaCache(self, comm)
+
+
+class TeaCache(AgreedPolicy):
     name = "teacache"
 
-    def __init__(self, cfg, comm=None) -> None:
-        super().__init__(cfg, comm)
-        if cfg.teacache_thresh is None and cfg.speed not in THRESHOLDS:
-            raise ValueError(f"cache.speed={cfg.speed!r}: TeaCache knows slow (delta 0.1) and fast (0.2); "
-                             "or set cache.teacache_thresh")
+    def __init__(self, cfg: TeaCacheConfig, comm=None) -> None:
+        cfg.check()
         self.delta = float(cfg.teacache_thresh if cfg.teacache_thresh is not None else THRESHOLDS[cfg.speed])
         self.coefficients = tuple(float(c) for c in cfg.teacache_coefficients)
-        self.reset()
+        super().__init__(cfg, comm)
 
     def reset(self) -> None:
         super().reset()
@@ -91,12 +118,8 @@ class TeaCache(BlocksStagePolicy):
         self._prev_inp = None
         self._residual = None
 
-    def decide_compute(self, info) -> bool:
-        self.arm()
-        return True  # provisional: the decision needs this step's modulated input (run_stage)
-
-    def run_stage(self, e):
-        k, n = self.index, self.num_steps
+    def run(self, e, step):
+        k, n = step.index, step.num_steps
         inp = modulated_input(self.model.spatial_blocks[0], e)
         rel = None
         if 0 < k < n - 1:
@@ -112,13 +135,10 @@ class TeaCache(BlocksStagePolicy):
         last = k == n - 1
         self._prev_inp = None if last else inp.detach()
         if compute:
-            x_out = self._orig_blocks(e)
+            x_out = self.model.blocks(e)
             self._residual = None if last else fp32_residual(x_out, e.x)
         else:
             x_out = add_residual(e.x, self._residual)
-        self.note_memory()
-        if last:
-            self.disarm()
         return x_out
 
     def bytes_held(self) -> int:
