@@ -6,6 +6,9 @@
 #   launch/torchrun.sh parallel.sp=-1 prompt="..."        # NPROC: every visible GPU (else 1)
 #
 # NPROC can also come from the environment (NPROC=4). For several nodes use launch/slurm.sbatch.
+# The launcher is skipsync's torchrun (python -m runner.launch: the job exits with the failing rank's
+# code, 2 for bad input; OMP_NUM_THREADS defaults to cores / NPROC). TORCHRUN=torchrun (or any
+# torchrun-compatible executable) uses that instead; PYTHON picks the interpreter (default python3).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,4 +27,9 @@ if [[ -z "${NPROC:-}" ]]; then
   fi
 fi
 
-exec "${TORCHRUN:-torchrun}" --standalone --nnodes=1 --nproc_per_node="$NPROC" -m runner.generate "$@"
+if [[ -n "${TORCHRUN:-}" ]]; then
+  launcher=("$TORCHRUN")
+else
+  launcher=("${PYTHON:-python3}" -m runner.launch)
+fi
+exec "${launcher[@]}" --standalone --nnodes=1 --nproc_per_node="$NPROC" -m runner.generate "$@"

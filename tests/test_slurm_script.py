@@ -49,7 +49,7 @@ def _env(bin_dir, rec, **extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("SLURM_") and k not in ("GPUS_PER_NODE", "RDZV_HOST", "RDZV_PORT",
                                                         "NPROC", "TORCHRUN", "SKIPSYNC_ROOT")}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", REC=str(rec), **extra)
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", REC=str(rec), TORCHRUN=str(bin_dir / "torchrun"), **extra)
     return env
 
 
