@@ -111,7 +111,6 @@ class AdaCache(AgreedPolicy):
 
     def __init__(self, cfg: AdaCacheConfig, comm=None) -> None:
         cfg.check()
-        self.branches: Branches | None = None
         self.site_keys: list[list[tuple]] = []  # per metric site: the branches whose outputs add up to it
         self.sites: list[str] = []
         self.layers: list[int] = []
@@ -139,12 +138,6 @@ class AdaCache(AgreedPolicy):
         self.sites = ["+".join(f"{k}_blocks.{i}.{names[slot]}" for k, i, slot in site) for site in sites]
         self.branches = Branches(model, [key for site in sites for key in site])
         self.reset()
-
-    def uninstall(self) -> None:
-        if self.branches is not None:
-            self.branches.remove()
-            self.branches = None
-        super().uninstall()
 
     # -- state -----------------------------------------------------------------------------------
     def reset(self) -> None:

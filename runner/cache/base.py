@@ -39,6 +39,7 @@ class CachePolicy:
     def __init__(self, cfg=None, comm=None) -> None:
         self.cfg, self.comm = cfg, comm
         self.model = None
+        self.branches = None  # runner/cache/branches.py, for policies that reach into the blocks
         self.reset()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -49,6 +50,9 @@ class CachePolicy:
         self.model = model
 
     def uninstall(self) -> None:
+        if self.branches is not None:
+            self.branches.remove()
+            self.branches = None
         self.model = None
         self.reset()
 

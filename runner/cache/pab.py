@@ -99,7 +99,6 @@ class PAB(CachePolicy):
 
     def __init__(self, cfg: PABConfig, comm=None) -> None:
         cfg.check()
-        self.branches: Branches | None = None
         self.depth = 0
         self.mlp_layers: list[int] = []
         self.mlp_layers_absent: list[int] = []
@@ -113,12 +112,6 @@ class PAB(CachePolicy):
         self.mlp_layers_absent = [i for i in self.cfg.pab_mlp_blocks if i >= self.depth]
         self.branches = Branches(model, [(kind, i, slot) for kind in ("spatial", "temporal")
                                          for i in range(self.depth) for slot in SLOTS])
-
-    def uninstall(self) -> None:
-        if self.branches is not None:
-            self.branches.remove()
-            self.branches = None
-        super().uninstall()
 
     def reset(self) -> None:
         super().reset()
