@@ -113,10 +113,52 @@ def stdit3_param_count(c: STDiT3Config) -> int:
     return embed + 2 * c.depth * block + lin(d, pn * c.out_channels) + 2 * d
 
 
+def stored_params(directory: str) -> int | None:
+    """Values in the .safetensors files of a directory, from their headers only (no tensor is read);
+    None when there are none."""
+    total, found = 0, False
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return None
+    for name in names:
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        except (OSError, ValueError):
+            return None
+        for key, entry in header.items():
+            if key != "__metadata__":
+                n = 1
+                for d in entry["shape"]:
+                    n *= d
+                total += n
+        found = True
+    return total if found else None
+
+
+def _opensora_part(cfg: Config, part: str, published: int) -> int:
+    """Values of one Open-Sora part: counted from its files in model.weights_dir when they are there
+    (a smaller model, or test weights), else the published model's."""
+    if cfg.model.weights_dir:
+        counted = stored_params(os.path.join(cfg.model.weights_dir, part))
+        if counted is not None:
+            return counted
+    return published
+
+
 def _arch(cfg: Config) -> STDiT3Config:
     """The STDiT3 configuration the pipeline will build, read without loading any weights."""
     m = cfg.model
     if m.family == "opensora-v1.2":
+        if m.weights_dir:  # the loader builds what DIR/stdit3/config.json says
+            try:
+                with open(os.path.join(m.weights_dir, "stdit3", "config.json"), encoding="utf-8") as f:
+                    return STDiT3Config.from_dict(json.load(f))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # the loader reports a missing or bad part
         return get_config(m.arch)
     if m.weights is not None:
         from runner.families import resolve_weights
@@ -146,8 +188,8 @@ def estimate(cfg: Config, sp: int = 1, cfg_parallel: int = 1, device: torch.devi
         from models.vae import latent_size
 
         lat = latent_size(frames, height, width)
-        weights += OPENSORA_VAE_PARAMS * size
-        text = T5_XXL_PARAMS * DTYPES[cfg.model.text_dtype].itemsize
+        weights += _opensora_part(cfg, "vae", OPENSORA_VAE_PARAMS) * size
+        text = _opensora_part(cfg, "t5", T5_XXL_PARAMS) * DTYPES[cfg.model.text_dtype].itemsize
         decoder = VAE_DECODER_BYTES_PER_PIXEL * VAE_MICRO_BATCH * height * width * size
     else:
         lat = (frames, height, width)  # pixel space: the latent is the video

@@ -1,5 +1,6 @@
 """runner.estimate: the size check before any weights load (issue 13, item 5)."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -149,3 +150,17 @@ def test_a_small_measured_run_stays_below_the_estimate():
     increase = int(run.stdout.strip().splitlines()[-1].split(":")[1].strip(" }"))
     bound = est.parts["latents"] + est.parts["activations"]
     assert 0.25 * bound < increase <= bound
+
+
+def test_opensora_parts_are_counted_from_the_weights_dir(weights_dir):
+    from runner.estimate import T5_XXL_PARAMS, estimate, stored_params
+
+    cfg = make_cfg("model=opensora-v1.2", f"model.weights_dir={weights_dir}", "prompt=x", "height=16", "width=16",
+                   "num_frames=1")
+    est = estimate(cfg, device=torch.device("cpu"))
+    t5 = stored_params(os.path.join(weights_dir, "t5"))
+    assert 0 < t5 < T5_XXL_PARAMS / 1000  # the tiny test T5, not T5-XXL
+    assert est.parts["text"] == t5 * 4  # model.text_dtype float32
+    published = estimate(make_cfg("model=opensora-v1.2", "model.weights_dir=/nonexistent", "prompt=x", "height=16",
+                                  "width=16", "num_frames=1"), device=torch.device("cpu"))
+    assert published.parts["text"] == T5_XXL_PARAMS * 4 and est.peak < published.peak / 100
