@@ -5,6 +5,15 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Under pytest-xdist every worker would start one intra-op thread per core: `-n 2` on 2 cores runs
+# 4 threads that spin-wait on each other (a 3-step demo generation took 9.6 s of CPU with 2 threads,
+# 0.4 s with 1, on the shared build machine). One per worker, inherited by the processes tests start.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

@@ -10,6 +10,8 @@ import sys
 import time
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from runner.cli import hydra_overrides, quote_prompt
 from runner.config import UserError
@@ -30,7 +32,13 @@ def test_quoted_prompt_fuzz():
     rng = random.Random(0)
     alphabet = list("ab '\\${}(),=\":;!#%[]*&|~@?<>^`\t") + ["é", "🎉", "\\$", "${", "\\'"]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 16))) for _ in range(200)]
+    # Every text through Hydra's override parser and OmegaConf's resolution (the two layers that
+    # quote_prompt escapes for); a full compose costs about 0.15 s, so a sample of them takes that path too.
+    parser = OverridesParser.create()
     for text in texts:
+        value = parser.parse_override(quote_prompt(text)).value()
+        assert OmegaConf.to_container(OmegaConf.create({"prompt": value}), resolve=True)["prompt"] == text, repr(text)
+    for text in texts[:25]:
         assert make_cfg(quote_prompt(text)).prompt == text, repr(text)
 
 
