@@ -36,13 +36,18 @@ def slug(text: str, n: int = 40) -> str:
     return s[:n].rstrip("-") or "video"
 
 
+def plain_config(cfg: Config) -> dict:
+    """The config as plain JSON values (not through OmegaConf: a prompt or path may contain '${',
+    which it would resolve); what the run report records."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
 def content_config(cfg: Config | dict) -> dict:
-    """The settings that decide the pixels, as plain JSON values (no OmegaConf interpolation: a
-    prompt or path may contain '${')."""
-    conf = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    """The settings that decide the pixels: of a Config, or of a report's recorded config."""
+    conf = plain_config(cfg) if dataclasses.is_dataclass(cfg) else cfg
     if not isinstance(conf, dict):
         return {}
-    return json.loads(json.dumps({k: v for k, v in conf.items() if k not in NOT_CONTENT}))
+    return {k: v for k, v in conf.items() if k not in NOT_CONTENT}
 
 
 def video_key(prompt: str, seed: int, cfg: Config) -> str:

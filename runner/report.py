@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -12,6 +11,8 @@ import sys
 import time
 
 import torch
+
+from runner.outputs import plain_config
 
 
 def code_version() -> str:
@@ -120,8 +121,7 @@ def build(cfg, pipe, device, dtype, *, prompt, seed, output, frames, step_times,
         "step_times_s": [round(t, 6) for t in step_times],
         "timings": {k: round(v, 6) for k, v in timings.items()},
         "memory": memory if memory is not None else peak_memory(device),
-        # Plain values, not through OmegaConf: a prompt may contain '${', which it would resolve.
-        "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+        "config": plain_config(cfg),
     }
 
 

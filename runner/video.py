@@ -1,14 +1,10 @@
-"""Video files: uint8 (T, H, W, 3) frames <-> mp4 (H.264 through imageio-ffmpeg), written atomically."""
+"""Video files: uint8 (T, H, W, 3) frames <-> mp4 (H.264 through imageio-ffmpeg)."""
 
 from __future__ import annotations
-
-import os
 
 import imageio.v2 as imageio
 import numpy as np
 import torch
-
-from runner.outputs import temp_path
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -18,23 +14,17 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def write_video(path: str, frames: np.ndarray, fps: int = 24, crf: int = 12) -> None:
-    """Write to a hidden temporary name unique to this process, then rename: a reader never sees a
-    half-written file, and two processes never write into the same temporary file."""
-    tmp = temp_path(path)
+    """Write frames to `path` as it is given. Atomic writing (a temporary name unique to the process,
+    then a rename) is runner.outputs.OutputDir's job, which hands this its temporary path."""
     # 4:2:0 chroma needs even sizes; odd sizes are kept exact with 4:4:4.
     even = frames.shape[1] % 2 == 0 and frames.shape[2] % 2 == 0
-    try:
-        # macro_block_size=1 keeps the exact size (no silent resize to a multiple of 16).
-        with imageio.get_writer(
-            tmp, fps=fps, codec="libx264", quality=None, macro_block_size=1,
-            ffmpeg_params=["-crf", str(crf)], pixelformat="yuv420p" if even else "yuv444p", ffmpeg_log_level="error",
-        ) as w:
-            for frame in frames:
-                w.append_data(frame)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # macro_block_size=1 keeps the exact size (no silent resize to a multiple of 16).
+    with imageio.get_writer(
+        path, fps=fps, codec="libx264", quality=None, macro_block_size=1,
+        ffmpeg_params=["-crf", str(crf)], pixelformat="yuv420p" if even else "yuv444p", ffmpeg_log_level="error",
+    ) as w:
+        for frame in frames:
+            w.append_data(frame)
 
 
 def read_video(path: str) -> np.ndarray:
