@@ -148,7 +148,7 @@ def test_a_small_measured_run_stays_below_the_estimate():
         pytest.skip("this kernel does not let a process reset its peak RSS")
     assert run.returncode == 0, run.stderr[-2000:]
     increase = int(run.stdout.strip().splitlines()[-1].split(":")[1].strip(" }"))
-    bound = est.parts["latents"] + est.parts["activations"]
+    bound = est.parts["latents"] + est.parts["activations"] + est.parts["workspace"]  # what sampling adds
     assert 0.25 * bound < increase <= bound
 
 
