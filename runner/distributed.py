@@ -144,14 +144,17 @@ class Parallel:
         with self.comm.log.in_phase("decode"):
             return self.comm.all_gather(mine.contiguous(), "agree", dim=2, sizes=counts, tag="decode")
 
-    def report(self) -> dict:
+    def report(self, memory: dict | None = None) -> dict:
         """For the run report: the mesh, the layout, and every rank's collectives per step (a
-        collective over the group, after the loop; its own cost is not in the per-step lists)."""
+        collective over the group, after the loop; its own cost is not in the per-step lists).
+        `memory`: this rank's peaks and phases (runner.report.Phases.memory()), gathered likewise."""
         log = self.comm.log
         summary = log.summary()
         mine = {"rank": self.mesh.rank, "dp_rank": self.mesh.dp_rank, "cfg_rank": self.mesh.cfg_rank,
                 "sp_rank": self.mesh.sp_rank, "per_step": {str(k): v for k, v in log.per_step().items()},
                 "outside_steps": {"by_phase": _phases_outside_steps(log), **summary["outside_steps"]}}
+        if memory is not None:
+            mine["memory"] = memory
         if self.layout is not None and self.layout.geometry is not None and self.layout.size > 1:
             g = self.layout.geometry
             start, total = g.rows

@@ -78,8 +78,12 @@ def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool =
         bar = tqdm(total=len(timesteps), desc="sampling", unit="step", file=sys.stderr, leave=False)
     clock = {}
 
+    sync = pipe.device.type == "cuda"  # step times are device times: wait for the queued kernels
+
     def on_step(i: int, phase: str):
         run.on_step(i, phase)
+        if sync:
+            torch.cuda.synchronize(pipe.device)
         if phase == "start":
             clock["t0"] = time.perf_counter()
         else:
@@ -163,13 +167,14 @@ def _generate(cfg: Config, out: OutputDir, par: Parallel | None) -> list[dict]:
         video, latent, step_times = generate_one(
             job, cfg, prompt, seed, progress=cfg.progress and par.is_writer, cond=conds.select(index), phases=phases)
         t_sampled = time.perf_counter()
-        parallel_info = par.report()  # a collective of the group: before the leader-only part
+        # a collective of the group, before the leader-only part; every rank's peaks and CPU time
+        parallel_info = par.report(memory=phases.memory())
         if not par.is_writer:
             continue
         frames = to_uint8(video)
         rep = run_report.build(
             cfg, pipe, device, dtype, prompt=prompt, seed=seed, output=out.stem(name) + ".mp4", frames=frames,
-            step_times=step_times, timings={
+            index=index, mesh=par.mesh, step_times=step_times, timings={
                 "setup_s": t_ready - t_start,
                 # text encoding is shared by all prompts of the job
                 **{f"{k}_s": phases.records[k]["seconds"] for k in ("text_encoding", "sampling", "decoding")},
@@ -179,9 +184,19 @@ def _generate(cfg: Config, out: OutputDir, par: Parallel | None) -> list[dict]:
         rep["prompt_warnings"] = notes
         rep["parallel"] = parallel_info
         rep["cache"] = job.policy.report()
+        rep["steps"] = run_report.step_summary(step_times, rep["cache"].get("pattern"))
+        rep["timings"]["writing_s"] = 0.0
+
+        def timed(write):  # the files' write time goes into the report, which is written after them
+            def run(tmp):
+                t = time.perf_counter()
+                write(tmp)
+                rep["timings"]["writing_s"] = round(rep["timings"]["writing_s"] + time.perf_counter() - t, 6)
+            return run
+
         path = out.write_pair(
-            name, lambda tmp: write_video(tmp, frames, fps=cfg.fps), rep,
-            latent_writer=(lambda tmp: torch.save(latent.cpu(), tmp)) if cfg.save_latent else None)
+            name, timed(lambda tmp: write_video(tmp, frames, fps=cfg.fps)), rep,
+            latent_writer=timed(lambda tmp: torch.save(latent.cpu(), tmp)) if cfg.save_latent else None)
         print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
               f"{rep['timings']['total_s']:.2f} s; written in {time.perf_counter() - t_sampled:.2f} s)",
               file=sys.stderr)

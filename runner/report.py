@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -85,13 +86,16 @@ class Phases:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.per_phase = _reset_host_peak()
-        self.t0 = time.perf_counter()
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
     def end(self, name: str) -> dict:
         """Close phase `name` (its record) and start the next one."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        rec = {"seconds": round(time.perf_counter() - self.t0, 6), "host_peak_rss_mb": round(_host_peak_mb(), 1)}
+        # cpu_s: this process's CPU time (all threads); cpu_s / seconds is the cores it really had,
+        # which is what a scaling study on shared or oversubscribed cores needs to know.
+        rec = {"seconds": round(time.perf_counter() - self.t0, 6), "cpu_s": round(time.process_time() - self.cpu0, 6),
+               "host_peak_rss_mb": round(_host_peak_mb(), 1)}
         if self.device.type == "cuda":
             rec["gpu_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         rec["host_peak_is_per_phase"] = self.per_phase
@@ -107,9 +111,61 @@ class Phases:
         return {**self.peak, "phases": dict(self.records)}
 
 
-def build(cfg, pipe, device, dtype, *, prompt, seed, output, frames, step_times, timings, memory=None) -> dict:
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, mesh=None) -> dict:
+    """The hardware and software a run's figures depend on (for scaling tables)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+           "hostname": platform.node(), "cpu_cores": cores, "threads_per_rank": torch.get_num_threads(),
+           "device_type": device.type}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["device_count"] = torch.cuda.device_count()
+        nccl = torch.cuda.nccl.version() if torch.distributed.is_nccl_available() else None
+        env["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl
+    else:
+        env["device_name"] = _cpu_name()
+    if mesh is not None:
+        env["world_size"] = mesh.world_size
+        env["backend"] = mesh.describe().get("backend")
+        # torchrun sets LOCAL_WORLD_SIZE (processes on this node); the node count follows from it
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", mesh.world_size) or 1)
+        env["ranks_per_node"] = local
+        env["nodes"] = int(os.environ.get("SLURM_NNODES", 0)) or max(1, -(-mesh.world_size // local))
+    return env
+
+
+def step_summary(step_times: list[float], pattern: str | None) -> dict:
+    """Per-step wall times split into computed and reused steps (pattern: 'C'/'R' per step, from the
+    cache policy's report; None or a length mismatch: every step counts as computed)."""
+    if not pattern or len(pattern) != len(step_times):
+        pattern = "C" * len(step_times)
+    out = {}
+    for kind, mark in (("computed", "C"), ("reused", "R")):
+        ts = [t for t, m in zip(step_times, pattern) if m == mark]
+        out[kind] = {"count": len(ts), "total_s": round(sum(ts), 6),
+                     "median_s": round(statistics.median(ts), 6) if ts else None}
+    return out
+
+
+def build(cfg, pipe, device, dtype, *, prompt, seed, output, frames, step_times, timings, memory=None,
+          index=None, mesh=None) -> dict:
     return {
         "output": os.path.abspath(output),
+        "index": index,
         "prompt": prompt,
         "seed": seed,
         "frames": {"count": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]), "fps": cfg.fps},
@@ -117,7 +173,7 @@ def build(cfg, pipe, device, dtype, *, prompt, seed, output, frames, step_times,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "code_version": code_version(),
-        "host": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform()},
+        "host": environment(device, mesh),
         "step_times_s": [round(t, 6) for t in step_times],
         "timings": {k: round(v, 6) for k, v in timings.items()},
         "memory": memory if memory is not None else peak_memory(device),
