@@ -153,7 +153,7 @@ def _opensora_part(cfg: Config, part: str, published: int) -> int:
     return published
 
 
-def _arch(cfg: Config) -> STDiT3Config:
+def architecture(cfg: Config) -> STDiT3Config:
     """The STDiT3 configuration the pipeline will build, read without loading any weights."""
     m = cfg.model
     if m.family == "opensora-v1.2":
@@ -184,7 +184,7 @@ def estimate(cfg: Config, sp: int = 1, cfg_parallel: int = 1, device: torch.devi
     device = device if device is not None else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     size = torch.empty((), dtype=dtype).element_size()
-    arch = _arch(cfg)
+    arch = architecture(cfg)
     frames, height, width = cfg.num_frames, cfg.height, cfg.width
     weights = stdit3_param_count(arch) * size
     text = decoder = 0
