@@ -54,11 +54,19 @@ class Job:
             self.layout = self.par.layout = None
 
 
-def compile_blocks(dit) -> None:
-    """torch.compile every block in place (Module.compile keeps the module, its hooks and its
-    state-dict names); embed and the final layer are cheap and stay eager."""
+def compile_blocks(dit) -> int:
+    """torch.compile the blocks in place (Module.compile keeps the module, its hooks and its
+    state-dict names); embed and the final layer are cheap and stay eager. -> blocks compiled.
+
+    A block where a cache policy shadows a submodule on the instance (runner/cache/branches.py)
+    stays eager: dynamo's guards do not see instance-dict shadows (torch 2.13), so a graph traced
+    on a plain block would be reused for it and skip its taps."""
+    n = 0
     for block in [*dit.spatial_blocks, *dit.temporal_blocks]:
-        block.compile()
+        if not any(name in block.__dict__ for name in block._modules):
+            block.compile()
+            n += 1
+    return n
 
 
 def assemble(cfg: Config, device: torch.device | None = None, dtype: torch.dtype | None = None,
