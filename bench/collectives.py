@@ -37,7 +37,7 @@ def run_one(p: int, out: str, extra: list[str]) -> CommFit:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--p", type=int, nargs="+", default=[2, 3, 4])
-    ap.add_argument("--out", default="collectives", help="folder for the JSON files")
+    ap.add_argument("--out", default="outputs/collectives", help="folder for the JSON files (default: ignored by git)")
     args, extra = ap.parse_known_args()
     os.makedirs(args.out, exist_ok=True)
 

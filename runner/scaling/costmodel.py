@@ -468,8 +468,9 @@ def predict_video(arch: STDiT3Config, latent, text_len: int, layout: str, sp: in
         colls = step_collectives(arch, latent, text_len, layout, sp, cfg, r, dtype_bytes, batch)
         reuse_comm = comm.time(cfg_exchange(arch, latent, sp, r, batch)) if cfg == 2 else 0.0
         asm = assemble_collective(arch, latent, sp, r, batch)
+        share = token_share(arch, latent, sp, cfg, r)
         per_rank.append({"compute": compute, "comm": sum(comm.time(c) for c in colls),
-                         "bytes": sum(c.bytes for c in colls), "reuse": reused_s * token_share(arch, latent, sp, cfg, r),
+                         "bytes": sum(c.bytes for c in colls), "reuse": reused_s * share,
                          "reuse_comm": reuse_comm, "assemble": comm.time(asm) if asm else 0.0})
     agree_s = comm.time(agree) if agree else 0.0
 
@@ -499,7 +500,8 @@ def hidden_gather(arch: STDiT3Config, latent, sp: int, cfg: int, rank: int, dtyp
 
 def peer_predict_video(arch: STDiT3Config, latent, text_len: int, layout: str, sp: int, pattern: Sequence[bool],
                        comm: CommModel, flops_per_s, reused_s: float = 0.0, *, cfg: int = 1, batch: int = 1,
-                       dtype_bytes: int = 2, cached_all_reduces: int = 2, metric_gathers: bool = False) -> dict:
+                       dtype_bytes: int = 2, cached_all_reduces: int = 2, metric_gathers: bool = False,
+                       reused_replicated: float = 1.0) -> dict:
     """The peers' scheme (reference/peers.md): Open-Sora 1.2's SP as the official AdaCache SP path runs
     it, with xDiT / ParaAttention-style decisions on cached steps. Assumptions, exactly:
 
@@ -509,9 +511,11 @@ def peer_predict_video(arch: STDiT3Config, latent, text_len: int, layout: str, s
       patch embedding (Open-Sora embeds before it splits). The shard's other FLOPs as SkipSync's.
     - cached step: the same hidden-state all_gather (the per-step output gather is never skipped; it
       is the "gather" of a cached step, counted once) plus `cached_all_reduces` blocking all-reduces
-      of one fp32 scalar each (FBCache-style mean_diff and mean_t1, AVG) over the agree group; the
-      reused-step work is reused_s not divided over sp (halved with cfg=2), since embed and final
-      layer run on the full grid.
+      of one fp32 scalar each (FBCache-style mean_diff and mean_t1, AVG) over the agree group. Of the
+      reused-step work, the fraction `reused_replicated` runs on the full grid on every rank (embed
+      and final layer; default 1: all of it) and the rest is divided over sp like SkipSync's (the
+      cached residual adds on the shard); with cfg=2 all of it is halved. reused_replicated=0 leaves
+      the peers' communication as the only difference from SkipSync on a cached step.
     - metric_gathers=True adds the official AdaCache decision: two all_gathers of the metric residual
       (the size of the hidden state) on each decision step, O(activation) instead of O(1).
     - with cfg=2 the velocity exchange of the CFG pair every step, as for SkipSync.
@@ -537,8 +541,10 @@ def peer_predict_video(arch: STDiT3Config, latent, text_len: int, layout: str, s
         layout_s = sum(comm.time(c) for c in layout_collectives(arch, latent, layout, sp, cfg, r, dtype_bytes, batch))
         cached_s = cached_all_reduces * comm.time(scalar) if cfg * sp > 1 else 0.0
         metric_s = 2 * comm.time(every[0]) if metric_gathers and sp > 1 else 0.0
+        share = token_share(arch, latent, sp, cfg, r)
+        reuse = reused_s * (reused_replicated / cfg + (1 - reused_replicated) * share)
         per_rank.append({"compute": flops / thr[r], "comm": layout_s + every_s, "cached": every_s + cached_s,
-                         "metric": metric_s})
+                         "metric": metric_s, "reuse": reuse})
 
     computed_parts, reused_parts = [], []
     for on, dec in zip(pattern, decide):
@@ -546,7 +552,7 @@ def peer_predict_video(arch: STDiT3Config, latent, text_len: int, layout: str, s
             x = max(per_rank, key=lambda p: p["compute"] + p["comm"])
             computed_parts.append((x["compute"], x["comm"] + (x["metric"] if dec else 0.0)))
         else:
-            reused_parts.append((reused_s / cfg, max(p["cached"] for p in per_rank)))
+            reused_parts.append((max(p["reuse"] for p in per_rank), max(p["cached"] for p in per_rank)))
     return _result(pattern, computed_parts, reused_parts, 0.0)
 
 

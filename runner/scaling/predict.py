@@ -68,7 +68,8 @@ def point(arch, latent, layout: str, gpus: int, hw_name: str, pattern, reused_s:
                "none": cm.predict_video(pattern=full, **common),
                "ada": cm.predict_video(pattern=pattern, agreement_scalars=cm.ADACACHE_SCALARS, **common),
                "peer_none": cm.peer_predict_video(pattern=full, **common),
-               "peer_ada": cm.peer_predict_video(pattern=pattern, **common)}
+               "peer_ada": cm.peer_predict_video(pattern=pattern, **common),
+               "peer_ada_comm": cm.peer_predict_video(pattern=pattern, reused_replicated=0.0, **common)}
         if best is None or row["none"]["total_s"] < best["none"]["total_s"]:
             best = row
     return best
@@ -79,12 +80,13 @@ def _mesh(row) -> str:
 
 
 def table(arch, latent, size: str, args, pattern, reused_s: float) -> list[str]:
-    base = {}  # layout -> (speed-ups at the first GPU count, 1 by default): the retention's reference
+    base = {}  # layout -> the cache's speed-ups at 1 GPU (SkipSync, peers): the retention's reference
     lines = [f"### {size} (latent {'x'.join(map(str, latent))}), {sum(pattern)} of {len(pattern)} steps computed "
              f"with AdaCache", "",
              "| GPUs | layout | mesh | no-cache s | AdaCache s | cache speed-up | retention | peers no-cache s "
-             "| peers AdaCache s | peers speed-up | peers retention | comm share (no cache / AdaCache) |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peers AdaCache s | peers speed-up | peers retention | peers retention, comm only "
+             "| comm share (no cache / AdaCache) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for gpus in args.gpus:
         for layout in args.layouts:
             row = point(arch, latent, layout, gpus, args.hardware, pattern, reused_s, args.link_efficiency,
@@ -94,15 +96,20 @@ def table(arch, latent, size: str, args, pattern, reused_s: float) -> list[str]:
                 rows = -(-latent[2] // arch.patch_size[1])
                 why = (f"{arch.num_heads} heads % sp" if layout == "ulysses" and arch.num_heads % sp
                        else f"{rows} patch rows < sp")
-                lines.append(f"| {gpus} | {layout} | n/a ({why}) | | | | | | | | | |")
+                lines.append(f"| {gpus} | {layout} | n/a ({why}) |" + " |" * 10)
                 continue
             none, ada, pn, pa = (row[k]["total_s"] for k in ("none", "ada", "peer_none", "peer_ada"))
             speed, pspeed = none / ada, pn / pa
-            base.setdefault(layout, (speed, pspeed))
-            s1, p1 = base[layout]
+            if layout not in base:
+                one = point(arch, latent, layout, 1, args.hardware, pattern, reused_s, args.link_efficiency)
+                base[layout] = tuple(one[a]["total_s"] / one[b]["total_s"] for a, b in
+                                     (("none", "ada"), ("peer_none", "peer_ada"), ("peer_none", "peer_ada_comm")))
+            s1, p1, c1 = base[layout]
+            comm_only = pn / row["peer_ada_comm"]["total_s"] / c1
             share = (row["none"]["comm_s"] / none, row["ada"]["comm_s"] / ada)
             lines.append(f"| {gpus} | {layout} | {_mesh(row)} | {none:.2f} | {ada:.2f} | {speed:.2f}x | "
-                         f"{speed / s1:.0%} | {pn:.2f} | {pa:.2f} | {pspeed:.2f}x | {pspeed / p1:.0%} | "
+                         f"{speed / s1:.1%} | {pn:.2f} | {pa:.2f} | {pspeed:.2f}x | {pspeed / p1:.1%} | "
+                         f"{comm_only:.1%} | "
                          f"{share[0]:.1%} / {share[1]:.1%} |")
     return lines
 
@@ -149,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     frac = cm.paper_reused_fraction()
     hw = cm.HARDWARE[args.hardware]
     print(f"# Predicted sampling time, STDiT3-XL/2, CFG pair, text {TEXT_LEN} tokens, bf16, {args.steps} steps\n")
-    print(f"hardware: {args.hardware} (beyond {hw.gpus_per_node} GPUs: {cm.hardware_for(args.hardware, 10 ** 6).name}); "
+    multi = cm.hardware_for(args.hardware, hw.gpus_per_node + 1).name
+    print(f"hardware: {args.hardware} (beyond {hw.gpus_per_node} GPUs: {multi}); "
           f"achieved {hw.achieved_flops / 1e12:.1f} TFLOP/s per GPU of {hw.peak_flops / 1e12:.0f} peak; "
           f"link bandwidth x {args.link_efficiency:g} of peak")
     print(f"AdaCache: {computed} of {args.steps} steps computed"
@@ -158,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
           "ranks for SkipSync (sharded latent)")
     print("peers' scheme: Open-Sora's SP with an all-gather of the hidden state every step, 2 blocking scalar "
           "all-reduces on every cached step, embedding and final layer on the full grid on every rank (so its "
-          "reused step is not divided); see runner/scaling/costmodel.py peer_predict_video\n")
+          "reused step is not divided); 'comm only': the same with the reused step divided like SkipSync's, so that "
+          "the peers' communication on cached steps is the only difference; see runner/scaling/costmodel.py "
+          "peer_predict_video\n")
     for size in args.size:
         latent = SIZES[size]
         step_s = stdit3_flops(arch, 2, *latent[1:], TEXT_LEN).total / hw.achieved_flops
