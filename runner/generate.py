@@ -185,6 +185,7 @@ def _generate(cfg: Config, out: OutputDir, par: Parallel | None) -> list[dict]:
         rep["parallel"] = parallel_info
         rep["cache"] = job.policy.report()
         rep["steps"] = run_report.step_summary(step_times, rep["cache"].get("pattern"))
+        rep["latent_shape"] = list(pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width))
         rep["timings"]["writing_s"] = 0.0
 
         def timed(write):  # the files' write time goes into the report, which is written after them

@@ -72,6 +72,9 @@ class ScalingConfig:
     threads_per_rank: int = 1  # OMP threads per process (CPU); GPUs: the data loaders' only
     launcher: str = "local"
     timeout_s: float = 3600.0  # per point
+    # local launcher: time the collectives at every process count first (runner/scaling/commbench.py,
+    # DIR/collectives/pN.json), so that the report's cost model has this machine's latency and bandwidth
+    measure_comm: bool = True
     overrides: list = field(default_factory=list)  # more runner.generate overrides, for every point
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
 
@@ -301,8 +304,25 @@ class Sweep:
             if any(p.gpus * self.cfg.threads_per_rank > cores for p in todo):
                 say(f"note: this machine has {cores} cores; points with more processes x threads share them "
                     "(the table shows the cores each rank had)")
+        if self.cfg.launcher == "local" and self.cfg.measure_comm:
+            self.measure_comm(sorted({p.gpus for p in todo if p.gpus > 1 and (gpus is None or p.gpus <= gpus)}))
         launch = self._run_local if self.cfg.launcher == "local" else self._run_slurm
         return launch(todo, prompts_file, gpus)
+
+    def measure_comm(self, counts: list[int]) -> None:
+        """This machine's collective latency and bandwidth at each process count (kept across reruns)."""
+        d = os.path.join(self.dir, "collectives")
+        os.makedirs(d, exist_ok=True)
+        for n in counts:
+            out = os.path.join(d, f"p{n}.json")
+            if os.path.isfile(out):
+                continue
+            cmd = [sys.executable, "-m", "runner.launch", "--standalone", f"--nproc_per_node={n}", "-m",
+                   "runner.scaling.commbench", "--out", out]
+            code, wall = run_command(cmd, {**os.environ, **self.env()}, os.path.join(d, f"p{n}.log"),
+                                     min(self.cfg.timeout_s, 600))
+            say(f"collectives at {n} processes: " + ("measured" if code == 0 else
+                f"not measured ({last_error(os.path.join(d, f'p{n}.log'))})") + f" in {wall:.1f} s")
 
     def _progress(self, i: int, n: int, rec: dict) -> None:
         extra = f": {rec['error']}" if rec.get("error") else ""
