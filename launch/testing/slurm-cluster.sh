@@ -9,14 +9,15 @@
 # munged, slurmctld and slurmd run as root, as plain background daemons: no systemd, no cgroups
 # (proctrack/linuxproc, task/none), no accounting. Everything they write (config, munge key and
 # socket, state, spool, logs, pid files) lives in the state directory, so /etc is never touched and
-# `down` stops exactly the daemons `up` recorded. The node gets two fake GPUs (gres entries on
-# character devices made with mknod, copies of /dev/null) so that `--gpus-per-node=2` works as on a
-# GPU cluster; where mknod is refused the node has none.
+# `down` stops exactly the daemons `up` recorded. The node gets fake GPUs (gres entries on character
+# devices made with mknod, copies of /dev/null) so that `--gpus-per-node=2` works as on a GPU
+# cluster; where mknod is refused the node has none.
 #
 # Environment (all optional):
 #   SKIPSYNC_SLURM_DIR        state directory                (default /tmp/skipsync-slurm)
 #   SKIPSYNC_SLURM_PARTITION  the one partition's name       (default debug)
 #   SKIPSYNC_SLURM_PORT       slurmctld's port, slurmd's + 1 (default 6817)
+#   SKIPSYNC_SLURM_GPUS       fake GPUs on the node, 0 for none (default 2)
 #   SKIPSYNC_SLURM_TIMEOUT    seconds `up` waits for the node to be idle and `down` for jobs to end
 #                             (default 60)
 #
@@ -29,6 +30,7 @@ STATE="${SKIPSYNC_SLURM_DIR:-/tmp/skipsync-slurm}"
 PARTITION="${SKIPSYNC_SLURM_PARTITION:-debug}"
 PORT="${SKIPSYNC_SLURM_PORT:-6817}"
 TIMEOUT="${SKIPSYNC_SLURM_TIMEOUT:-60}"
+GPUS="${SKIPSYNC_SLURM_GPUS:-2}"
 EXIT_UNAVAILABLE=77
 export SLURM_CONF="$STATE/slurm.conf"
 PIDS="$STATE/daemons.pid"  # "name pid" per line, written by `up`, the only processes `down` stops
@@ -59,11 +61,12 @@ install_packages() {
 
 # ---------------------------------------------------------------------------- config
 
-# Two fake GPUs: /dev/null-like character devices, since slurmd only checks that gres files exist.
+# Fake GPUs: /dev/null-like character devices, since slurmd only checks that gres files exist.
 make_fake_gpus() {
+  ((GPUS > 0)) || return 1
   mkdir -p "$STATE/dev"
   local i
-  for i in 0 1; do
+  for ((i = 0; i < GPUS; i++)); do
     [[ -c "$STATE/dev/nvidia$i" ]] || mknod "$STATE/dev/nvidia$i" c 1 3 2>/dev/null || return 1
   done
 }
@@ -75,10 +78,10 @@ write_config() {
   mem_mb="$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.95 }' /proc/meminfo)"
   if make_fake_gpus; then
     gres_types="GresTypes=gpu"
-    gres_line=" Gres=gpu:2"
-    printf 'NodeName=%s Name=gpu File=%s/dev/nvidia[0-1]\n' "$NODE" "$STATE" >"$STATE/gres.conf"
+    gres_line=" Gres=gpu:$GPUS"
+    printf 'NodeName=%s Name=gpu File=%s/dev/nvidia[0-%d]\n' "$NODE" "$STATE" $((GPUS - 1)) >"$STATE/gres.conf"
   else
-    say "mknod refused: the node has no GPUs (jobs must not ask for --gpus-per-node)"
+    ((GPUS == 0)) || say "mknod refused: the node has no GPUs"
     : >"$STATE/gres.conf"
   fi
   cat >"$SLURM_CONF" <<EOF
