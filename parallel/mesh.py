@@ -293,7 +293,9 @@ def init_mesh(cfg: ParallelConfig | None = None) -> Mesh:
         if dist.get_world_size() != world_size:
             raise RuntimeError(f"process group has {dist.get_world_size()} ranks, env says {world_size}")
     else:
-        dist.init_process_group(backend=backend, timeout=timeout)
+        # rank and world size explicitly: with SKIPSYNC_RANKS_FROM_SLURM they come from Slurm's task
+        # variables, and env:// would ask for RANK
+        dist.init_process_group(backend=backend, timeout=timeout, rank=rank, world_size=world_size)
         mesh.owns_process_group = True
     mesh.backend = dist.get_backend()
     mesh.groups["world"] = dist.group.WORLD

@@ -188,10 +188,7 @@ def _sweep(cluster, tmp_path, tasks: int) -> tuple[subprocess.CompletedProcess |
 
 @pytest.mark.parametrize("tasks", [
     1,
-    # init_mesh takes the ranks from SLURM_PROCID/SLURM_NTASKS but calls init_process_group without
-    # them, so torch's env:// rendezvous asks for RANK and every rank exits with code 2. Strict: when
-    # parallel/mesh.py passes rank and world_size, this passes and the mark must go.
-    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="ranks from Slurm never reach init_process_group")),
+    2,  # ranks from Slurm task variables (init_mesh passes them to init_process_group)
 ])
 def test_hydra_slurm_sweep_runs_every_point_as_a_job(cluster, tmp_path, tasks):
     r, why = _sweep(cluster, tmp_path, tasks)
