@@ -6,7 +6,8 @@ time), scaled by the cores a rank can have (on CPU: min(threads, cores / process
 the same for every rank; a GPU: 1), plus every collective the layout issues at this machine's
 measured latency and bandwidth (DIR/collectives/pN.json from the sweep, or --comm), summed over the
 point's computed-step pattern; reused steps cost the 1-GPU point's reused-step time times the
-rank's share of the tokens, and no communication.
+rank's share of the tokens, and no communication; plus the sampling loop's time outside the steps
+at 1 GPU (the sampler's updates, the latent assemble's local part).
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ def predict_row(row: dict, one: dict, comm) -> dict:
     thr_one = costmodel.shard_flops(arch, latent, text, "dsp", 1, 1, 0) / one["computed_step_s"]
     thr = thr_one * cores_per_rank(m) / cores_per_rank(one["_model"])
     adaptive = row["cache"].startswith(("adacache", "teacache", "fbcache"))
-    return costmodel.predict_video(
+    pred = costmodel.predict_video(
         arch, latent, text, layout, row["sp"], [c == "C" for c in row["pattern"]], comm, thr,
         reused_s=one.get("reused_step_s") or 0.0, cfg=cfg, dtype_bytes=DTYPE_BYTES.get(m.get("dtype"), 4),
         agreement_scalars=costmodel.ADACACHE_SCALARS if adaptive else 0)
+    # the sampler's own work between model calls, as measured at 1 GPU, is the same at every count
+    pred["loop_s"] = one.get("loop_s") or 0.0
+    pred["total_s"] += pred["loop_s"]
+    return pred
 
 
 def annotate(study: str, rows: list[dict], env: dict, comm_path: str | None = None) -> None:

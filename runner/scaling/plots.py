@@ -33,7 +33,17 @@ def draw(study: str, rows: list[dict]) -> list[str]:
     series = _series(rows)
     paths: list[str] = []
 
+    counts = sorted({r["gpus"] for r in rows if r["status"] == "ok"})
+
+    def gpu_axis(ax):
+        ax.set_xscale("log")
+        ax.set_xticks(counts, [str(n) for n in counts])
+        ax.minorticks_off()
+
     def save(fig, name):
+        for a in fig.axes:
+            if a.get_xscale() == "log":
+                gpu_axis(a)
         for ext in ("png", "svg"):
             p = os.path.join(out, f"{name}.{ext}")
             fig.savefig(p, dpi=120, bbox_inches="tight")

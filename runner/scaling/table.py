@@ -117,6 +117,8 @@ def summarize(rec: dict, reports: list[dict]) -> dict:
         computed_steps=f"{pattern.count('C')}/{len(pattern)}", pattern=pattern,
         computed_step_s=median(r.get("steps", {}).get("computed", {}).get("median_s") for r in reports),
         reused_step_s=median(r.get("steps", {}).get("reused", {}).get("median_s") for r in reports),
+        # the sampling loop's time outside the timed steps (sampler updates, assemble)
+        loop_s=median(r["timings"]["sampling_s"] - sum(r["step_times_s"]) for r in reports),
         bytes_per_computed_step=median(comp_bytes) or 0,
         reused_step_collectives=sum(_step_bytes(r, False)[1] for r in reports),
         peak_mem_mb=max((p for p in map(_peak_mb, reports) if p is not None), default=None),
