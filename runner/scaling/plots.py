@@ -61,6 +61,10 @@ def draw(study: str, rows: list[dict]) -> list[str]:
             ax.plot(g, [rs[0]["sampling_s"] / n for n in g], "--", color=line.get_color(), alpha=0.35)
     ax.set(xscale="log", yscale="log", xlabel="GPUs (processes)", ylabel="sampling seconds (median)",
            title="Latency (dashed: ideal; x: cost model)")
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.legend(fontsize=7)
     save(fig, "latency")
 
