@@ -393,6 +393,18 @@ class Sweep:
             jobs.append((p, job, t0))
         recs = []
         for i, (p, job, t0) in enumerate(jobs, 1):
+            # Wait with a deadline: without Slurm accounting (sacct) submitit may never see a failed
+            # job end. The deadline counts the time queued too.
+            deadline = t0 + self.cfg.timeout_s + 60 * s.timeout_min
+            while not job.done() and time.perf_counter() < deadline:
+                time.sleep(1.0)
+            if not job.done():
+                job.cancel(check=False)
+                rec = self.record(p, status="timeout", error=f"job {job.job_id} did not end within timeout_s + "
+                                  "slurm.timeout_min; cancelled", wall_s=round(time.perf_counter() - t0, 3))
+                recs.append(rec)
+                self._progress(i, len(jobs), rec)
+                continue
             try:
                 codes = job.results() if hasattr(job, "results") else [job.result()]
                 code = next((c for c in codes if c != 0), 0)
