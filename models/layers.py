@@ -244,11 +244,24 @@ class STDiT3Block(nn.Module):
         self.cross_delta = nn.Identity()
         self.mlp_delta = nn.Identity()
 
+    def modulation(self, t_mlp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """shift1, scale1, gate1, shift2, scale2, gate2, each (B, T or 1, 1, C), from t_mlp (B, 6C) (one
+        timestep per sample) or (B, T, 6C) (per frame: with an x_mask, given frames carry timestep 0's).
+
+        Picking t_mlp per frame before adding the table gives, element for element, the values of
+        Open-Sora's `t_mask_select`, which modulates with both and picks the results per frame.
+        """
+        b, c = t_mlp.shape[0], self.scale_shift_table.shape[1]
+        mod = self.scale_shift_table + t_mlp.reshape(b, -1, 6, c)  # (B, T or 1, 6, C)
+        return mod.unsqueeze(3).unbind(2)
+
     def forward(self, x, y, y_mask, t_mlp):
-        """x (B, T, S, C); t_mlp (B, 6C) from the shared t_block."""
-        b, c = x.shape[0], x.shape[-1]
-        mod = (self.scale_shift_table[None] + t_mlp.reshape(b, 6, c))[:, :, None, None, :]  # (B, 6, 1, 1, C)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
+        """x (B, T, S, C); t_mlp (B, 6C) or per frame (B, T, 6C), from the shared t_block (`modulation`).
+
+        Spatial and temporal blocks alike modulate frame t of x with row t: the modulation is applied
+        outside `attn`, so a layout that re-shards only inside `attn` never sees it.
+        """
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(t_mlp)
         x = x + self.attn_delta(gate1 * self.attn(modulate(self.norm1(x), shift1, scale1)))
         x = x + self.cross_delta(self.cross_attn(x, y, y_mask))
         x = x + self.mlp_delta(gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2)))
@@ -264,7 +277,15 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_numel * out_channels)
         self.scale_shift_table = nn.Parameter(initial_value((2, dim), lambda: torch.randn(2, dim) / dim**0.5))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, x_mask: torch.Tensor | None = None,
+                t0: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, S, C), t (B, C); frames where x_mask (B, T) is False use t0 (B, C), timestep 0's."""
         b, c = x.shape[0], x.shape[-1]
         shift, scale = (self.scale_shift_table[None] + t[:, None]).reshape(b, 2, 1, 1, c).unbind(1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        h = modulate(self.norm_final(x), shift, scale)
+        if x_mask is not None:
+            # As Open-Sora 1.2's T2IFinalLayer (which reassigns x first): the t0 branch normalises the
+            # already t-modulated tokens, not x. The published weights were trained with this, so it stays.
+            shift0, scale0 = (self.scale_shift_table[None] + t0[:, None]).reshape(b, 2, 1, 1, c).unbind(1)
+            h = torch.where(x_mask[:, :, None, None], h, modulate(self.norm_final(h), shift0, scale0))
+        return self.linear(h)

@@ -1,6 +1,6 @@
 """STDiT3, the spatial-temporal diffusion transformer of Open-Sora 1.2, as single-device code.
 
-The forward is `f(x, timestep, y, mask, fps, height, width)`. It is written in stages
+The forward is `f(x, timestep, y, mask, fps, height, width, x_mask=...)`. It is written in stages
 (`embed`, `blocks`, `final`) over a (B, T, S, C) token tensor so that sequence-parallel layouts and
 cache policies can wrap parts of it from outside; nothing here knows about ranks or caches.
 Local sizes (frames, rows, heads) always come from tensor shapes.
@@ -89,7 +89,13 @@ def get_config(name: str, **overrides) -> STDiT3Config:
 
 @dataclass
 class Embedded:
-    """What `STDiT3.embed` hands to the blocks. x is (B, T, S, C); t (B, C); t_mlp (B, 6C)."""
+    """What `STDiT3.embed` hands to the blocks and the final layer.
+
+    x is (B, T, S, C); t (B, C). t_mlp is (B, 6C), or per frame (B, T, 6C) when x_mask is given: then
+    frames where x_mask (B, T) is False (given frames) carry t0_mlp, the modulation of timestep 0, so
+    anything that runs a block with (x, y, y_mask, t_mlp) conditions them. t0 (B, C): timestep 0's t,
+    for the final layer; None without x_mask.
+    """
 
     x: torch.Tensor
     t: torch.Tensor
@@ -98,6 +104,8 @@ class Embedded:
     y_mask: torch.Tensor | None
     grid: tuple[int, int, int]  # (Tp, Hp, Wp) of the whole token grid (x may hold a band of rows)
     out_size: tuple[int, int, int]  # (T, H, W) of the input, to crop the padded output
+    x_mask: torch.Tensor | None = None
+    t0: torch.Tensor | None = None
 
 
 class STDiT3(nn.Module):
@@ -133,7 +141,8 @@ class STDiT3(nn.Module):
 
     # ---- stages -------------------------------------------------------------------------------
 
-    def embed(self, x, timestep, y, mask=None, fps=24.0, height=None, width=None, rows=None) -> Embedded:
+    def embed(self, x, timestep, y, mask=None, fps=24.0, height=None, width=None, rows=None,
+              x_mask=None) -> Embedded:
         """Patchify, position-embed, embed timestep/fps and caption.
 
         x (B, Cin, T, H, W); timestep (B,) in [0, 1000]; y (B, L, Cc) or (B, 1, L, Cc);
@@ -141,6 +150,10 @@ class STDiT3(nn.Module):
         height/width are the pixel size used for the position-embedding scale (default: x's size).
         rows=(start, total) says that x is the band of patch rows [start, start + local rows) of a
         grid with `total` patch rows, so positions use the whole grid's coordinates.
+        x_mask (B or B/k, T) bool, per sample and latent frame: False marks a given (conditioning)
+        frame, which takes timestep 0's modulation in every block and in the final layer (Open-Sora
+        1.2's image-to-video and extension). Repeated to B like `mask`, so with CFG one row per prompt
+        serves both halves. Layouts hold every frame of their band, so it is never split.
         """
         dtype = self.dtype
         b = x.shape[0]
@@ -163,8 +176,14 @@ class STDiT3(nn.Module):
         # Open-Sora casts the timestep to the model dtype first (bf16 quantises it).
         timestep = torch.as_tensor(timestep, device=x.device).to(dtype).reshape(-1).expand(b)
         fps = torch.as_tensor(fps, device=x.device, dtype=torch.float32).reshape(-1).expand(b)
-        t = self.t_embedder(timestep) + self.fps_embedder(fps)
+        fps_emb = self.fps_embedder(fps)
+        t = self.t_embedder(timestep) + fps_emb
         t_mlp = self.t_block(t)
+        t0 = None
+        if x_mask is not None:
+            x_mask = self._frame_mask(x_mask, b, tp, out_size[0])
+            t0 = self.t_embedder(torch.zeros_like(timestep)) + fps_emb  # same fps, timestep 0
+            t_mlp = torch.where(x_mask[:, :, None], t_mlp[:, None], self.t_block(t0)[:, None])  # (B, T, 6C)
 
         if y.dim() == 4:
             y = y.squeeze(1)
@@ -174,7 +193,17 @@ class STDiT3(nn.Module):
             y_mask = mask.to(device=x.device, dtype=torch.bool)
             if y_mask.shape[0] != b:
                 y_mask = y_mask.repeat(b // y_mask.shape[0], 1)
-        return Embedded(tokens, t, t_mlp, y, y_mask, (tp, total_rows, wp), out_size)
+        return Embedded(tokens, t, t_mlp, y, y_mask, (tp, total_rows, wp), out_size, x_mask, t0)
+
+    def _frame_mask(self, x_mask, b: int, tp: int, frames: int) -> torch.Tensor:
+        """x_mask as (B, Tp) bool on the tokens' device, its rows repeated to the batch (as Open-Sora's
+        `repeat(2, 1)` for the CFG pair)."""
+        x_mask = torch.as_tensor(x_mask).to(device=self.x_embedder.proj.weight.device, dtype=torch.bool)
+        if x_mask.dim() != 2 or x_mask.shape[1] != tp or b % x_mask.shape[0]:
+            raise ValueError(
+                f"x_mask must be (rows, {tp}) with rows dividing the batch of {b} (one flag per sample and "
+                f"latent frame: {frames} frames, {tp} token frames), got {tuple(x_mask.shape)}")
+        return x_mask.repeat(b // x_mask.shape[0], 1)
 
     def blocks(self, e: Embedded) -> torch.Tensor:
         x = e.x
@@ -185,7 +214,7 @@ class STDiT3(nn.Module):
 
     def final(self, x: torch.Tensor, e: Embedded) -> torch.Tensor:
         """(B, T, S, C) tokens -> (B, Cout, T, H, W) fp32, cropped to the input size."""
-        x = self.final_layer(x, e.t)
+        x = self.final_layer(x, e.t, e.x_mask, e.t0)
         b, tp, s = x.shape[:3]
         wp = e.grid[2]
         hp = s // wp  # local rows: a layout may hand over a slice of rows
@@ -195,8 +224,9 @@ class STDiT3(nn.Module):
         t_out, h_out, w_out = e.out_size
         return x[:, :, :t_out, :h_out, :w_out].float()
 
-    def forward(self, x, timestep, y, mask=None, fps=24.0, height=None, width=None, rows=None) -> torch.Tensor:
-        e = self.embed(x, timestep, y, mask, fps, height, width, rows)
+    def forward(self, x, timestep, y, mask=None, fps=24.0, height=None, width=None, rows=None,
+                x_mask=None) -> torch.Tensor:
+        e = self.embed(x, timestep, y, mask, fps, height, width, rows, x_mask)
         return self.final(self.blocks(e), e)
 
 
