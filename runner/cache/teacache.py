@@ -47,9 +47,7 @@ def poly(coefficients, x: float) -> float:
 
 def modulated_input(block, e) -> torch.Tensor:
     """The timestep-modulated input of `block` (its self-attention's input) for the embedded tokens."""
-    b, c = e.x.shape[0], e.x.shape[-1]
-    mod = (block.scale_shift_table[None] + e.t_mlp.reshape(b, 6, c))[:, :2, None, None, :]
-    shift, scale = mod.unbind(1)
+    shift, scale = block.modulation(e.t_mlp)[:2]  # per frame when an x_mask gives some frames
     return modulate(block.norm1(e.x), shift, scale)
 
 
