@@ -52,6 +52,22 @@ def _store_timeout_s(store, default: float) -> float:
         return default
 
 
+def connect_store(prefix: str, timeout_s: float, env=None):
+    """A client of the rendezvous TCPStore named by MASTER_ADDR/MASTER_PORT (as torchrun and init_mesh
+    use), its keys under `prefix`; None without one or when it cannot be reached. Each caller gets
+    its own connection: the watchdog's thread and the main thread never share a client."""
+    env = os.environ if env is None else env
+    host, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    if not host or not port:
+        return None
+    try:
+        store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
+                              timeout=timedelta(seconds=min(float(timeout_s), 60.0)))
+    except Exception:  # noqa: BLE001 - no store rather than no run
+        return None
+    return dist.PrefixStore(prefix, store)
+
+
 class Watchdog:
     def __init__(self, store, rank: int, world_size: int, timeout_s: float, interval_s: float = 1.0):
         self.store, self.rank, self.world_size = store, rank, world_size
@@ -65,16 +81,8 @@ class Watchdog:
     @classmethod
     def connect(cls, rank: int, world_size: int, timeout_s: float, env=None, interval_s: float = 1.0) -> "Watchdog | None":
         """A watchdog on the rendezvous store named by MASTER_ADDR/MASTER_PORT, or None without one."""
-        env = os.environ if env is None else env
-        host, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
-        if not host or not port:
-            return None
-        try:
-            store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
-                                  timeout=timedelta(seconds=min(float(timeout_s), 60.0)))
-        except Exception:  # noqa: BLE001 - no watchdog rather than no run
-            return None
-        return cls(dist.PrefixStore("skipsync/watchdog/", store), rank, world_size, timeout_s, interval_s)
+        store = connect_store("skipsync/watchdog/", timeout_s, env)
+        return None if store is None else cls(store, rank, world_size, timeout_s, interval_s)
 
     # ---- the rank's own side
     def start(self) -> "Watchdog":

@@ -6,13 +6,17 @@ verbatim: it becomes an override quoted and escaped here, so it also reaches Slu
 which get the overrides. A `prompt=...` that the grammar rejects, or that would be interpolated
 (`${...}`), is refused with the way to pass it instead of a parser traceback or a silently changed prompt.
 
-Signals. SIGINT and SIGTERM (what torchrun and Slurm send at teardown) raise `Interrupted` in the
-main thread, so every `finally` runs (temporary files are removed) and the CLI ends with one line
-and exit code 128 + the signal number.
+Signals. SIGINT, SIGTERM (what torchrun and Slurm send at teardown) and SIGUSR1 (Slurm's warning
+before the time limit, `--signal=B:USR1@T`) raise `Interrupted` in the main thread, so every
+`finally` runs (temporary files are removed) and the CLI ends with one line and exit code 128 + the
+signal number. While the sampling loop can stop at a step checkpoint (`deferred_stops`, runner/
+checkpoint.py), a stop signal is only noted (`pending_stop`): the loop stops at an agreed step
+boundary and writes a checkpoint first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 
@@ -131,14 +135,48 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
-def _raise_interrupted(signum, frame) -> None:
-    # Later signals are ignored while the first one's cleanup runs; the process ends right after.
-    for s in (signal.SIGINT, signal.SIGTERM):
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+class _Stops:
+    deferring = False  # inside deferred_stops()
+    pending: int | None = None  # the first stop signal noted while deferring
+
+
+def ignore_stops() -> None:
+    """Ignore further stop signals: the process is ending on the first one."""
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _on_stop_signal(signum, frame) -> None:
+    if _Stops.deferring:
+        # No printing here: the main thread may be inside a write to the same stream.
+        if _Stops.pending is None:
+            _Stops.pending = signum
+        return
+    # Later signals are ignored while the first one's cleanup runs; the process ends right after.
+    ignore_stops()
     raise Interrupted(signum)
 
 
 def stop_on_signals() -> None:
-    """SIGINT and SIGTERM raise Interrupted in the main thread (call from the main thread)."""
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, _raise_interrupted)
+    """SIGINT, SIGTERM and SIGUSR1 raise Interrupted in the main thread (call from the main thread)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, _on_stop_signal)
+
+
+@contextlib.contextmanager
+def deferred_stops(enabled: bool = True):
+    """While active (and enabled), a stop signal is noted for `pending_stop()` instead of raised."""
+    before = _Stops.deferring
+    _Stops.deferring = before or enabled
+    try:
+        yield
+    finally:
+        _Stops.deferring = before
+
+
+def pending_stop() -> int | None:
+    """The stop signal noted while deferring, if any (it stays noted until the process ends)."""
+    return _Stops.pending

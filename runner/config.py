@@ -59,6 +59,16 @@ class ModelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Step checkpoints of the sampling loop (runner/checkpoint.py): where a stopped or killed run
+    resumes. A stop signal writes one whenever the cache policy supports it, whatever every_steps is."""
+
+    # Also write one every this many steps (at the first step the policy computes from there on);
+    # 0: only on a stop signal. The Slurm script sets 10.
+    every_steps: int = 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
@@ -91,6 +101,7 @@ class Config:
     check_memory: bool = True
     # torch.compile the DiT's blocks (runner/assemble.py), the last step of the assembly.
     compile: bool = False
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 FAMILIES = ("demo", "opensora-v1.2")
@@ -231,6 +242,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"sampler.timestep_shift must be a finite number > 0 or null (got {shift})")
     if cfg.sampler.num_timesteps < 1:
         problems.append(f"sampler.num_timesteps must be >= 1 (got {cfg.sampler.num_timesteps})")
+    if cfg.checkpoint.every_steps < 0:
+        problems.append(f"checkpoint.every_steps must be >= 0 (0: only on a stop signal), got {cfg.checkpoint.every_steps}")
     if device_problem(cfg.device):
         problems.append(device_problem(cfg.device))
     if cfg.sampler.name != "rflow":

@@ -35,7 +35,8 @@ from parallel.comm import Comm, split_range
 from parallel.layouts import LAYOUTS, SequenceParallel, parallelize
 from parallel.mesh import Mesh, init_mesh
 from parallel.shard import RowShard, row_shard
-from parallel.watchdog import Watchdog
+from parallel.stop import StopAgreement
+from parallel.watchdog import Watchdog, connect_store
 from runner.config import Config, UserError
 from runner.sampler import guidance
 
@@ -118,6 +119,14 @@ class Parallel:
     def owns(self, index: int) -> bool:
         """Whether this rank works on prompt `index` (its dp group's, and not complete already)."""
         return self.todo is None or index in self.todo
+
+    def stop_agreement(self) -> StopAgreement | None:
+        """How the prompt's group agrees on a step to stop at (parallel/stop.py): alone for a group
+        of one rank, through the rendezvous store otherwise; None when there is no store."""
+        if self.comm.size("agree") == 1:
+            return StopAgreement()
+        store = connect_store("skipsync/stop/", self.timeout_s)
+        return None if store is None else StopAgreement(store)
 
     # ------------------------------------------------------------------ one generation
     def start(self, z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cfg_scale: float) -> ShardedRun:

@@ -5,6 +5,10 @@ the job's `runner.distributed.Parallel` once it exists:
 
 - bad input (`UserError`, `CheckpointError`): one `error: ...` paragraph, exit code 2;
 - a stop signal (`runner.cli.Interrupted`): one `stopped: ...` line, exit code 128 + the signal;
+- a stop at a step checkpoint (`runner.checkpoint.Stopped`): one `stopped: ...` line from the group
+  leader saying where the checkpoint is and how to resume, exit code 75 (EX_TEMPFAIL: rerun to
+  resume; Slurm requeues) or 130 for Ctrl-C; the other ranks of the group are not told to stop
+  (they stop at the same step by agreement and may still be writing their shards);
 - a failed collective (`parallel.comm.CollectiveError`: a peer crashed, was killed or stalled):
   one line naming it;
 - anything else: the traceback.
@@ -24,6 +28,7 @@ from models.loading import CheckpointError
 from parallel.comm import CollectiveError
 from parallel.mesh import launch_env
 from parallel.watchdog import _exit
+from runner.checkpoint import Stopped
 from runner.cli import Interrupted
 from runner.config import UserError
 
@@ -39,6 +44,13 @@ def exit_on_error(e: BaseException, par=None, expected: tuple = EXPECTED) -> Non
     """
     is_expected = isinstance(e, expected)
     distributed = par is not None and par.mesh.is_distributed
+    if isinstance(e, Stopped):
+        if not distributed or par.is_writer:
+            where = f"[rank {par.mesh.rank}] " if distributed else ""
+            print(f"stopped: {where}{e.message(distributed)}", file=sys.stderr)
+        if distributed and par.watchdog is not None:
+            par.watchdog.finish()  # a clean end: the peers must not take its silence for a failure
+        _exit(e.exit_code)
     if isinstance(e, Interrupted):
         where = f"[rank {par.mesh.rank}] " if distributed else ""
         print(f"stopped: {where}{e.name} received; no partial file is left, finished videos are kept "

@@ -20,12 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import cli, distributed, estimate, faults, report as run_report
 from runner.assemble import Job, assemble
+from runner.checkpoint import Checkpoints
 from runner.config import (
     CONF_DIR, Config, UserError, check_seeds, read_prompts, register_configs, resolve_device, resolve_dtype,
     resolve_presets, validate,
 )
 from runner.distributed import Parallel
-from runner.outputs import OutputDir, check_writable, is_complete, video_name
+from runner.outputs import OutputDir, check_writable, is_complete, video_key, video_name
 from runner.sampler import check_finite, make_timesteps, sample
 from runner.video import to_uint8, write_video
 
@@ -48,12 +49,15 @@ def noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tens
 
 
 @torch.no_grad()
-def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool = False, cond=None, phases=None):
-    """-> (video (3, T, H, W) in [-1, 1], final latent, per-step seconds).
+def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool = False, cond=None, phases=None,
+                 ckpt=None):
+    """-> (video (3, T, H, W) in [-1, 1], final latent, per-step seconds of the steps run).
 
     `job`: the assembled job (runner/assemble.py): pipeline, parallel job, layout, cache policy.
     `cond`: the prompt's conditioning when the caller encoded a batch of prompts (else it is
     encoded here); `phases` (runner.report.Phases), if given, closes "sampling" and "decoding".
+    `ckpt`: the video's step checkpoints (runner.checkpoint.VideoCheckpoints), or None: the loop
+    resumes from the newest usable one, writes them, and on a stop signal ends at one (Stopped).
     The group's ranks decode a share of the chunks each; only the writer (the group leader)
     returns the video.
     """
@@ -65,7 +69,15 @@ def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool =
     timesteps = make_timesteps(settings, height, width, cfg.num_frames)
     cond = (pipe.encode_text([prompt]) if cond is None else cond).to(pipe.device)
     z = noise((1, *pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)), seed, pipe.device)
-    run = par.start(z, cond.y, cond.mask, settings.cfg_scale)  # this rank's band and CFG half
+    resume = ckpt.resume() if ckpt is not None else None  # the same step on every rank of the group
+    run = par.start(z if resume is None else resume.latent, cond.y, cond.mask, settings.cfg_scale)  # band, CFG half
+    start = 0
+    if resume is not None:
+        job.policy.load_state(resume.policy)
+        torch.set_rng_state(resume.rng)
+        start = resume.step
+    if ckpt is not None:
+        ckpt.begin()
 
     def model_fn(z_in, t_in, step):
         return job.denoise(z_in, t_in, run.y, run.mask, step, fps=cfg.fps, height=height, width=width, rows=run.rows)
@@ -75,7 +87,7 @@ def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool =
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(timesteps), desc="sampling", unit="step", file=sys.stderr, leave=False)
+        bar = tqdm(total=len(timesteps), initial=start, desc="sampling", unit="step", file=sys.stderr, leave=False)
     clock = {}
 
     sync = pipe.device.type == "cuda"  # step times are device times: wait for the queued kernels
@@ -92,8 +104,11 @@ def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool =
                 bar.update(1)
 
     try:
-        z = sample(model_fn, run.z, settings, timesteps, pipe.latent_channels, on_step=on_step,
-                   cfg_combine=run.cfg_combine)
+        # While the loop can stop at a checkpoint, a stop signal only asks it to (runner/cli.py).
+        with cli.deferred_stops(ckpt is not None and ckpt.stops):
+            z = sample(model_fn, run.z, settings, timesteps, pipe.latent_channels, on_step=on_step,
+                       cfg_combine=run.cfg_combine, start=start,
+                       before_step=None if ckpt is None else ckpt.before_step)
         z = run.assemble(z)
         check_finite(z)
     except FloatingPointError as e:  # checked after the first step and at the end
@@ -145,6 +160,7 @@ def _generate(cfg: Config, out: OutputDir, par: Parallel | None) -> list[dict]:
     if pipe.random_weights and par.rank == 0:
         print("note: the model has random weights (model.weights is null); the videos are not meaningful.", file=sys.stderr)
     phases.end("loading")
+    checkpoints = Checkpoints.setup(cfg, job)  # step checkpoints, if the cache policy supports them
     seeds = [prompt_seed(cfg.seed, i) for i in range(len(prompts))]
     names = [video_name(i, p, seeds[i], cfg) for i, p in enumerate(prompts)]
     par.skip_complete(len(prompts), lambda i: is_complete(out.stem(names[i]), prompts[i], seeds[i], cfg),
@@ -164,8 +180,12 @@ def _generate(cfg: Config, out: OutputDir, par: Parallel | None) -> list[dict]:
             for note in notes:
                 print(f"warning: prompt {index}: {note}", file=sys.stderr)
         t0 = time.perf_counter()
+        latent_shape = (1, *pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width))
+        ckpt = checkpoints.video(out.stem(name), prompt, seed, video_key(prompt, seed, cfg), index,
+                                 cfg.sampler.num_steps, latent_shape)
         video, latent, step_times = generate_one(
-            job, cfg, prompt, seed, progress=cfg.progress and par.is_writer, cond=conds.select(index), phases=phases)
+            job, cfg, prompt, seed, progress=cfg.progress and par.is_writer, cond=conds.select(index), phases=phases,
+            ckpt=ckpt)
         t_sampled = time.perf_counter()
         # a collective of the group, before the leader-only part; every rank's peaks and CPU time
         parallel_info = par.report(memory=phases.memory())
@@ -184,7 +204,10 @@ def _generate(cfg: Config, out: OutputDir, par: Parallel | None) -> list[dict]:
         rep["prompt_warnings"] = notes
         rep["parallel"] = parallel_info
         rep["cache"] = job.policy.report()
-        rep["steps"] = run_report.step_summary(step_times, rep["cache"].get("pattern"))
+        start = (ckpt.resumed or 0) if ckpt is not None else 0  # a resumed run times only the steps it ran
+        rep["steps"] = run_report.step_summary(step_times, (rep["cache"].get("pattern") or "")[start:] or None)
+        rep["checkpoint"] = ckpt.report() if ckpt is not None else {
+            "every_steps": cfg.checkpoint.every_steps, "supported": False}
         rep["latent_shape"] = list(pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width))
         rep["timings"]["writing_s"] = 0.0
 
@@ -198,6 +221,8 @@ def _generate(cfg: Config, out: OutputDir, par: Parallel | None) -> list[dict]:
         path = out.write_pair(
             name, timed(lambda tmp: write_video(tmp, frames, fps=cfg.fps)), rep,
             latent_writer=timed(lambda tmp: torch.save(latent.cpu(), tmp)) if cfg.save_latent else None)
+        if ckpt is not None:
+            ckpt.finished()  # the video is written: its step checkpoints go
         print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
               f"{rep['timings']['total_s']:.2f} s; written in {time.perf_counter() - t_sampled:.2f} s)",
               file=sys.stderr)

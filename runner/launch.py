@@ -11,6 +11,11 @@ differences from plain torchrun:
   saying which rank it was.
 - Without OMP_NUM_THREADS in the environment, torchrun warns and gives every process 1 thread. Here
   each of the node's processes gets cores // processes threads (at least 1), said in one line.
+- Stop signals (SIGINT, SIGTERM, SIGUSR1: Ctrl-C, scancel or preemption, Slurm's warning before the
+  time limit) are forwarded to the ranks, and the launcher keeps waiting for them: they stop at an
+  agreed step, write a checkpoint and exit 75 (130 for Ctrl-C), which becomes the job's exit code
+  (runner/checkpoint.py). torchrun itself would leave SIGUSR1 to its default action (the launcher
+  dies, the ranks run on in their own sessions) and raise on SIGTERM/SIGINT, exiting 128 + N.
 """
 
 from __future__ import annotations
@@ -60,6 +65,51 @@ def first_failure(failures: dict) -> tuple[int, object]:
     return min(failures.items(), key=lambda kv: (kv[1].timestamp, kind(kv[1].exitcode)))
 
 
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+# 75 only comes from a stop at a step checkpoint; 130 also from Ctrl-C without one (the ranks' own
+# lines say which)
+STOP_CODES = {75: "stopped at a step checkpoint", 130: "stopped on Ctrl-C"}
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (torchrun's workers are its direct children)."""
+    kids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command, which may hold spaces
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(name))
+    return kids
+
+
+def forward_stop_signals(agent_signals: str) -> str:
+    """Install handlers that pass SIGINT, SIGTERM and SIGUSR1 on to this process's children (the
+    ranks) and let torchrun's agent keep monitoring them; -> the signals left to the agent. Before
+    any rank exists the launcher stops as torchrun would."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def forward(signum, frame):
+        kids = children(os.getpid())
+        if not kids:
+            raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
+        for pid in kids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for s in FORWARDED:
+        signal.signal(s, forward)
+    names = {s.name for s in FORWARDED}
+    left = [n for n in (x.strip() for x in agent_signals.split(",")) if n and n not in names]
+    return ",".join(left) or "SIGHUP"  # torch warns about an empty list
+
+
 def exit_code(code: int) -> int:
     """The shell's convention: a process killed by signal N ends the job with 128 + N."""
     return 128 - code if code < 0 else code
@@ -92,9 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         print(note, file=sys.stderr, flush=True)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropFailureLog())
+    if hasattr(args, "signals_to_handle"):  # the agent keeps the others (SIGHUP, SIGQUIT by default)
+        args.signals_to_handle = forward_stop_signals(args.signals_to_handle)
     try:
         torchrun.run(args)
     except ChildFailedError as e:
+        codes = {exit_code(f.exitcode) for f in e.failures.values()}
+        if len(codes) == 1 and next(iter(codes)) in STOP_CODES:  # every rank stopped the same way
+            code = next(iter(codes))
+            print(f"{PROG}: {len(e.failures)} rank{'s' if len(e.failures) > 1 else ''} {STOP_CODES[code]} "
+                  f"(exit code {code}); run the same command again to resume", file=sys.stderr, flush=True)
+            return code
         rank, f = first_failure(e.failures)
         others = len(e.failures) - 1
         more = (f"; {others} more rank{'s' if others > 1 else ''} failed or {'were' if others > 1 else 'was'} "

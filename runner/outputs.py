@@ -28,7 +28,7 @@ from runner.config import Config, UserError
 # Config keys that do not change the video: a rerun with other values finds the same name. The
 # prompt and the seed are hashed on their own (the per-prompt seed, not the base seed).
 NOT_CONTENT = ("parallel", "progress", "output_dir", "prompt", "prompts_file", "save_latent", "device", "seed",
-               "check_memory")
+               "check_memory", "checkpoint")
 
 
 def slug(text: str, n: int = 40) -> str:

@@ -103,6 +103,8 @@ def sample(
     latent_channels: int,
     on_step: Callable[[int, str], None] | None = None,
     cfg_combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    start: int = 0,
+    before_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Integrate z (B, C, T, H, W) from noise to data with Euler steps.
 
@@ -110,10 +112,17 @@ def sample(
     (2B samples) built here; only its first `latent_channels` channels (the velocity) are used.
     `cfg_combine`, if given, replaces the default split-and-combine of that output (a CFG-parallel
     layout, where each rank computes one half, supplies its own). `on_step(i, "start"|"end")` is
-    called around every step.
+    called around every step. `start`: the first step to run, z being the latent before it (a
+    resumed run). `before_step(i, z)`, at every step boundary before `on_step(i, "start")`, sees the
+    latent before step i (step checkpoints, runner/checkpoint.py); it may raise to end the loop.
     """
     n = len(timesteps)
-    for i, t in enumerate(timesteps):
+    if not 0 <= start < n:
+        raise ValueError(f"start={start} is outside the {n} steps")
+    for i in range(start, n):
+        t = timesteps[i]
+        if before_step:
+            before_step(i, z)
         if on_step:
             on_step(i, "start")
         info = StepInfo(i, n, t)
@@ -129,8 +138,8 @@ def sample(
         t_next = timesteps[i + 1] if i + 1 < n else 0.0
         dt = (t - t_next) / settings.num_timesteps
         z = z.float() + v * dt
-        if i == 0:  # one host sync: a broken run (NaN weights, fp16 overflow) stops now, not after every step
-            check_finite(z, f"after step 1 of {n}")
+        if i == start:  # one host sync: a broken run (NaN weights, fp16 overflow) stops now, not after every step
+            check_finite(z, f"after step {i + 1} of {n}")
         if on_step:
             on_step(i, "end")
     return z

@@ -36,7 +36,7 @@ from runner.cache.base import (
 )
 from runner.cache.branches import Branches
 from runner.cache.codebook import PUBLISHED, SPEEDS, moreg_window, select_codebook
-from runner.cache.metric import MoRegParams, decide, site_sums
+from runner.cache.metric import Decision, MoRegParams, decide, site_sums
 
 RESIDUALS = ("t-attn", "s-attn", "ca-mlp")
 
@@ -159,6 +159,38 @@ class AdaCache(AgreedPolicy):
             self.moreg = MoRegParams(moreg_window(num_steps, c.moreg_window), tuple(c.moreg_strides), c.moreg_norm,
                                      c.moreg_power, c.moreg_div, c.mograd_mul, c.moreg_grad)
         self.moreg_prev = [1.0] * len(self.sites)
+
+    # -- step checkpoints ------------------------------------------------------------------------
+    checkpointable = True
+
+    def will_compute(self, index: int) -> bool:
+        """The schedule of `run`, known from the last decision before the step runs."""
+        s = index + 1
+        n = self.num_steps
+        return index == 0 or s == self.last + self.rate or s in (n - 1, n)
+
+    def state(self) -> dict:
+        """The schedule position (rate, last), the decisions so far, the MoReg history, and as bands
+        (B, T, S_r, C) with the tokens of a frame on dim 2: the whole-stack residual and the metric
+        residual of every site. The codebook and MoReg constants follow from the config."""
+        out = super().state()
+        out["meta"].update(rate=self.rate, last=self.last, moreg_prev=list(self.moreg_prev),
+                           decisions=[dict(vars(d)) for d in self.decisions])
+        tensors = {} if self._delta is None else {"delta": self._delta}
+        tensors.update({f"prev.{k}": p for k, p in enumerate(self._prev or [])})
+        out["tensors"], out["bands"] = tensors, {name: 2 for name in tensors}
+        return out
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        meta, tensors = state["meta"], state["tensors"]
+        if self.num_steps is not None:
+            self._configure(self.num_steps)
+        self.rate, self.last, self.moreg_prev = meta["rate"], meta["last"], list(meta["moreg_prev"])
+        self.decisions = [Decision(**d) for d in meta["decisions"]]
+        self._delta = tensors.get("delta")
+        prev = [tensors[f"prev.{k}"] for k in range(len(self.sites)) if f"prev.{k}" in tensors]
+        self._prev = prev or None
 
     # -- the blocks stage ------------------------------------------------------------------------
     def run(self, e, step):

@@ -85,6 +85,13 @@ class CachePolicy:
             self.index = None  # the generation is over: the next call must be a step 0
         return out
 
+    def will_compute(self, index: int) -> bool:
+        """Whether step `index` (the next one) will run the whole block stack, known before it runs.
+        A policy that decides inside the step (from the step's values) says True; a scheduled one
+        knows. Step checkpoints and the stop agreement happen only before such steps, so a reused
+        step stays free of communication (runner/checkpoint.py)."""
+        return True
+
     def run(self, e, step) -> torch.Tensor:
         """The policy's work for one step; sets self.computed[step.index]."""
         self.computed[step.index] = True
@@ -92,6 +99,34 @@ class CachePolicy:
 
     def release(self) -> None:
         """After the last step: drop what nothing can use any more."""
+
+    # -- step checkpoints (runner/checkpoint.py) -------------------------------------------------
+    # Whether state() and load_state() are implemented; policies without them run without
+    # checkpoints (a stop signal then ends the run as before, from the last video written).
+    checkpointable = False
+
+    def state(self) -> dict:
+        """What the policy holds at a step boundary, for a checkpoint:
+        {"meta": plain values, "tensors": {name: tensor}, "bands": {name: dim}}. A tensor named in
+        "bands" is this rank's share of a token grid: dim 0 is the model batch (the CFG pair
+        [cond; uncond], which CFG-parallel splits) and `dim` the tokens of a frame, sharded by whole
+        patch rows; the checkpoint re-splits such tensors for another layout. The others are the
+        same on every rank of the group."""
+        if not self.checkpointable:
+            raise NotImplementedError(f"cache policy {self.name!r} has no checkpoint support")
+        return {"meta": {"num_steps": self.num_steps, "index": self.index,
+                         "computed": [[i, c] for i, c in sorted(self.computed.items())]},
+                "tensors": {}, "bands": {}}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from `state()` (with band tensors already re-split for this rank): the next
+        blocks() call is the step after the saved index."""
+        if not self.checkpointable:
+            raise NotImplementedError(f"cache policy {self.name!r} has no checkpoint support")
+        meta = state["meta"]
+        self.reset()
+        self.num_steps, self.index = meta["num_steps"], meta["index"]
+        self.computed = {int(i): bool(c) for i, c in meta["computed"]}
 
     # -- report ----------------------------------------------------------------------------------
     def bytes_held(self) -> int:
@@ -147,6 +182,7 @@ class NoCache(CachePolicy):
     """cache=none: every step computes everything."""
 
     name = "none"
+    checkpointable = True
 
 
 def json_safe(v):
@@ -218,6 +254,15 @@ class AgreedPolicy(CachePolicy):
             lines = "; ".join(f"agree rank {r}: {describe(k)}" for r, k in enumerate(keys))
             raise CacheAgreementError(f"{type(self).__name__} decisions diverged at step {step} across the agreement "
                                       f"group ({lines}); the ranks would run different collectives and hang")
+
+    def state(self) -> dict:
+        out = super().state()
+        out["meta"]["all_reduces"] = self.all_reduces
+        return out
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.all_reduces = state["meta"]["all_reduces"]
 
     def agreement_report(self) -> dict:
         return {"group": "agree", "size": 1 if self.comm is None else self.comm.size("agree"),
