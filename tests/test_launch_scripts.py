@@ -47,4 +47,5 @@ def test_sbatch_uses_runner_launch_on_every_node(tmp_path, repo_root):
     for node in (0, 1):
         argv = (rec / f"python.{node}.argv").read_text().splitlines()
         assert argv[:2] == ["-m", "runner.launch"] and f"--node_rank={node}" in argv, argv
-        assert argv[-3:] == ["-m", "runner.generate", "parallel.sp=8"], argv
+        # the script's checkpoint default comes before the user's overrides, which win
+        assert argv[-4:] == ["-m", "runner.generate", "checkpoint.every_steps=10", "parallel.sp=8"], argv

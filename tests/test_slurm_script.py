@@ -21,6 +21,7 @@ done
 """
 
 FAKE_SCONTROL = r"""#!/usr/bin/env bash
+if [[ "$1" == requeue ]]; then echo "$2" >> "$REC/requeue"; exit "${REQUEUE_CODE:-0}"; fi
 [[ "$1 $2" == "show hostnames" ]] || exit 2
 echo "$2 $3" > "$REC/scontrol.argv"
 printf 'gpu-node-%s\n' 07 08 09
@@ -63,6 +64,7 @@ def _argv(rec, node):
 
 
 OVERRIDES = ["parallel.sp=8", "parallel.dp=-1", "prompt=a red circle moves left"]
+CHECKPOINTS = ["checkpoint.every_steps=10"]  # before the user's overrides, which win
 
 
 def test_sbatch_starts_one_torchrun_per_node(fakes, repo_root):
@@ -79,7 +81,7 @@ def test_sbatch_starts_one_torchrun_per_node(fakes, repo_root):
         assert argv == ["--nnodes=2", "--nproc_per_node=4", f"--node_rank={node}",
                         "--rdzv_id=123456", "--rdzv_backend=c10d",
                         f"--rdzv_endpoint=gpu-node-07:{20000 + 123456 % 20000}",
-                        "-m", "runner.generate", *OVERRIDES]
+                        "-m", "runner.generate", *CHECKPOINTS, *OVERRIDES]
         assert (rec / f"torchrun.{node}.cwd").read_text().strip() == repo_root
         assert (rec / f"torchrun.{node}.pythonpath").read_text().startswith(repo_root)
     assert not (rec / "torchrun.2.argv").exists()
@@ -97,7 +99,7 @@ def test_sbatch_env_overrides(fakes, repo_root):
         argv = _argv(rec, node)
         assert "--nnodes=3" in argv and "--nproc_per_node=2" in argv
         assert f"--node_rank={node}" in argv and "--rdzv_endpoint=10.0.0.5:29400" in argv
-        assert argv[-2:] == ["-m", "runner.generate"]
+        assert argv[-3:] == ["-m", "runner.generate", *CHECKPOINTS]
 
 
 def test_sbatch_defaults_to_8_gpus(fakes, repo_root):
@@ -131,3 +133,79 @@ def test_torchrun_wrapper(fakes, repo_root, args, nproc, rest):
     assert _argv(rec, "local") == ["--standalone", "--nnodes=1", f"--nproc_per_node={nproc}",
                                    "-m", "runner.generate", *rest]
     assert (rec / "torchrun.local.cwd").read_text().strip() == repo_root
+
+
+# srun as Slurm runs one task: in the background, passing USR1 and TERM on to it.
+FORWARDING_SRUN = r"""#!/usr/bin/env bash
+args=("$@"); i=0
+while [[ "${args[i]}" == -* ]]; do i=$((i + 1)); done
+task=""
+trap '[[ -z $task ]] || kill -USR1 $task' USR1
+trap '[[ -z $task ]] || kill -TERM $task' TERM
+SLURM_NODEID=0 "${args[@]:i}" &
+task=$!
+while :; do wait $task && code=0 || code=$?; kill -0 $task 2>/dev/null || break; done
+exit $code
+"""
+
+# The ranks as seen from the script: exit FAKE_EXIT at once, or (FAKE_EXIT=wait) stop at a
+# checkpoint on USR1 or TERM like the runner does (exit 75), saying which signal came.
+STOPPING_TORCHRUN = r"""#!/usr/bin/env bash
+[[ "${FAKE_EXIT:-0}" == wait ]] || exit "${FAKE_EXIT:-0}"
+trap 'echo USR1 > "$REC/got"; exit 75' USR1
+trap 'echo TERM > "$REC/got"; exit 75' TERM
+touch "$REC/ready"
+while :; do sleep 0.05; done
+"""
+
+
+def _stop_fakes(fakes):
+    bin_dir, rec = fakes
+    for name, text in (("srun", FORWARDING_SRUN), ("torchrun", STOPPING_TORCHRUN)):
+        (bin_dir / name).write_text(text)
+    return bin_dir, rec
+
+
+def _run_sbatch(fakes, repo_root, signum=None, **extra):
+    import signal
+    import time
+
+    bin_dir, rec = _stop_fakes(fakes)
+    env = _env(bin_dir, rec, **_slurm_env(repo_root, SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2"), **extra)
+    p = subprocess.Popen(["bash", os.path.join(repo_root, "launch/slurm.sbatch"), "prompt=x"], cwd="/", env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if signum is not None:
+        deadline = time.monotonic() + 20
+        while not (rec / "ready").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.02)
+        p.send_signal(getattr(signal, signum))
+    _, err = p.communicate(timeout=20)
+    got = (rec / "got").read_text().strip() if (rec / "got").exists() else None
+    requeued = (rec / "requeue").read_text().split() if (rec / "requeue").exists() else []
+    return p.returncode, err, got, requeued
+
+
+@pytest.mark.parametrize("exit_code, requeued", [("75", ["123456"]), ("0", []), ("2", []), ("138", [])])
+def test_sbatch_requeues_the_job_when_the_ranks_stop_at_a_checkpoint(fakes, repo_root, exit_code, requeued):
+    code, err, _, calls = _run_sbatch(fakes, repo_root, FAKE_EXIT=exit_code)
+    assert code == int(exit_code) and calls == requeued, err
+    if requeued:
+        assert "job 123456 requeued, it resumes from its checkpoints" in err
+
+
+def test_sbatch_passes_the_time_limit_warning_on_and_requeues(fakes, repo_root):
+    code, err, got, calls = _run_sbatch(fakes, repo_root, signum="SIGUSR1", FAKE_EXIT="wait")
+    assert (code, got, calls) == (75, "USR1", ["123456"]), err
+    assert "SIGUSR1 received, passed on to the job step" in err
+
+
+def test_sbatch_passes_sigterm_on_and_does_not_requeue_a_cancelled_job(fakes, repo_root):
+    code, err, got, calls = _run_sbatch(fakes, repo_root, signum="SIGTERM", FAKE_EXIT="wait")
+    assert (code, got, calls) == (75, "TERM", []), err
+
+
+def test_sbatch_says_when_the_job_cannot_be_requeued(fakes, repo_root):
+    code, err, _, calls = _run_sbatch(fakes, repo_root, FAKE_EXIT="75", REQUEUE_CODE="1")
+    assert code == 75 and calls == ["123456"], err
+    assert "could not be requeued; submit the same command again to resume" in err
