@@ -21,7 +21,7 @@ import torch
 
 from runner.generate import generate
 from tests.helpers import ROOT, make_cfg, output_stem
-from tests.test_slurm_cluster import _job_out, _videos, cluster, cluster_info  # noqa: F401 - fixtures
+from tests.slurm_util import _job_out, _videos, cluster, cluster_info  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slurm
 

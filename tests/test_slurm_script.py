@@ -139,11 +139,13 @@ def test_torchrun_wrapper(fakes, repo_root, args, nproc, rest):
 FORWARDING_SRUN = r"""#!/usr/bin/env bash
 args=("$@"); i=0
 while [[ "${args[i]}" == -* ]]; do i=$((i + 1)); done
-task=""
-trap '[[ -z $task ]] || kill -USR1 $task' USR1
-trap '[[ -z $task ]] || kill -TERM $task' TERM
+task=""; pending=""
+# A signal that comes before the task has started is passed on as soon as it has (as Slurm does).
+trap 'if [[ -n $task ]]; then kill -USR1 $task; else pending=USR1; fi' USR1
+trap 'if [[ -n $task ]]; then kill -TERM $task; else pending=TERM; fi' TERM
 SLURM_NODEID=0 "${args[@]:i}" &
 task=$!
+[[ -z $pending ]] || kill -$pending $task
 while :; do wait $task && code=0 || code=$?; kill -0 $task 2>/dev/null || break; done
 exit $code
 """
@@ -180,7 +182,7 @@ def _run_sbatch(fakes, repo_root, signum=None, **extra):
             assert p.poll() is None and time.monotonic() < deadline, p.communicate()
             time.sleep(0.02)
         p.send_signal(getattr(signal, signum))
-    _, err = p.communicate(timeout=20)
+    _, err = p.communicate(timeout=60)  # generous: a loaded CI machine
     got = (rec / "got").read_text().strip() if (rec / "got").exists() else None
     requeued = (rec / "requeue").read_text().split() if (rec / "requeue").exists() else []
     return p.returncode, err, got, requeued
