@@ -106,11 +106,19 @@ class Checkpoints:
         self.agreement = agreement  # parallel.stop.StopAgreement; None: a stop signal ends the run as before
 
     @classmethod
-    def setup(cls, cfg, job) -> "Checkpoints":
-        """From cfg.checkpoint and the assembled job; says once (on rank 0) what is not possible."""
+    def setup(cls, cfg, job, conditioned: bool = False) -> "Checkpoints":
+        """From cfg.checkpoint and the assembled job; says once (on rank 0) what is not possible.
+        `conditioned`: a prompt of the job has reference frames; those runs are not checkpointed
+        (their resume would also need the references' latents, the edit ratios and the per-step
+        noise stream), and the job says so once."""
         par, policy = job.par, job.policy
         say = (lambda text: print(f"warning: {text}", file=sys.stderr)) if par.rank == 0 else (lambda text: None)
         every = cfg.checkpoint.every_steps
+        if conditioned:
+            if every > 0:
+                say(f"runs with reference frames (reference, mask_strategy, condition, loop) have no step checkpoints: "
+                    f"checkpoint.every_steps={every} is ignored, and a stop signal ends the run without one")
+            return cls(every, par, policy, job.dit.config.patch_size, job.pipe.device, enabled=False)
         if not policy.checkpointable:
             if every > 0:
                 say(f"cache={policy.name} has no step checkpoints: checkpoint.every_steps={every} is ignored, and a "

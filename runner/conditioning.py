@@ -496,7 +496,10 @@ def load_reference(path: str, height: int, width: int) -> torch.Tensor:
         try:
             frames = read_video(path)
         except Exception as err:  # imageio raises many kinds for a broken file
-            raise UserError(f"cannot read reference video {path!r}: {err}".rstrip() + ".") from None
+            # imageio appends FFmpeg's whole log; its first line says what failed
+            first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+            raise UserError(f"cannot read reference video {path!r}: {first.rstrip('.')} (not a video FFmpeg can "
+                            "decode).") from None
         if frames.ndim != 4 or frames.shape[0] == 0:
             raise UserError(f"reference video {path!r} has no frames.")
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
@@ -518,3 +521,67 @@ def load_reference(path: str, height: int, width: int) -> torch.Tensor:
         return x.permute(2, 0, 1)[:, None].contiguous()
     raise UserError(f"reference {path!r}: unsupported file type {ext or '(none)'!r}; images "
                     f"({', '.join(IMAGE_EXTENSIONS)}) or videos ({', '.join(VIDEO_EXTENSIONS)}).")
+
+
+# ---- one prompt's conditioning, as the entry point sees it -----------------------------------------
+
+
+@dataclass
+class PromptConditioning:
+    """What one prompt of a job is conditioned on, checked and loaded before any work."""
+
+    captions: list[str]  # the caption of each loop
+    paths: list[str]
+    videos: list[torch.Tensor]  # the loaded references (3, T, H, W) in [-1, 1], in id order
+    entries: list[MaskEntry]  # the user's strategy, then each loop's continuation
+    plan: LoopPlan
+
+    @property
+    def conditioned(self) -> bool:
+        return bool(self.entries)
+
+    def key(self) -> dict | None:
+        """What the settings key adds for this prompt (None for a plain prompt, whose key stays as
+        it was): the references' content, not only their paths, so a reference replaced by another
+        file never resumes into the old video."""
+        if not self.conditioned and not self.paths:
+            return None
+        from runner.outputs import file_sha256
+        return {"references": [file_sha256(p) for p in self.paths], "mask_strategy": format_strategy(self.entries),
+                "loop": self.plan.loops}
+
+
+def prepare(prompt: str, reference: str | None, mask_strategy: str | None, condition: str | None,
+            condition_frame_length: int | None, loops: int, num_frames: int, height: int, width: int,
+            frame_map: FrameMap = DEMO_FRAMES) -> PromptConditioning:
+    """Parse, load and check one prompt's conditioning (UserError before any work). A prompt's own
+    options (JSON after the caption) override the job's `reference` / `mask_strategy`."""
+    # Only a prompt that names an option is parsed: any other text (braces included) stays verbatim.
+    if any(f'"{k}"' in prompt for k in ("reference_path", "mask_strategy")):
+        text, paths, strategy = split_prompt_options(prompt)
+    else:
+        text, paths, strategy = prompt, None, None
+    if paths is None:
+        paths = [p.strip() for p in reference.split(";")] if reference else []
+        if not all(paths):
+            raise UserError(f"reference={reference!r} has an empty path ('a.png;b.mp4' separates several).")
+    strategy = strategy if strategy is not None else mask_strategy
+    cfl = frame_map.chunk_latents if condition_frame_length is None else condition_frame_length
+    if condition is not None:
+        if strategy:
+            raise UserError(f"condition={condition} and mask_strategy={strategy!r} both say where the reference "
+                            "goes; give one of them.")
+        if not paths:
+            raise UserError(f"condition={condition} needs a reference: reference=PATH (an image or a video).")
+        strategy = condition_strategy(condition, num_frames, cfl, len(paths), frame_map)
+    if paths and not strategy:
+        # Open-Sora silently ignores such references; a user who gives one means to use it.
+        raise UserError(f"reference {';'.join(paths)!r} is given without saying where it goes: add condition=image "
+                        "(first frame), condition=extend, condition=connect, or mask_strategy='...'.")
+    entries = parse_mask_strategy(strategy)
+    plan = loop_plan(loops, num_frames, cfl, frame_map, references=len(paths))
+    entries = entries + list(plan.entries)
+    # Read now (a missing or broken file stops the job before any work); check needs their frame counts.
+    videos = [load_reference(p, height, width) for p in paths]
+    check(entries, [v.shape[1] for v in videos], num_frames, frame_map, loops)
+    return PromptConditioning(loop_prompts(text, loops), paths, videos, entries, plan)

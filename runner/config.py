@@ -102,6 +102,20 @@ class Config:
     # torch.compile the DiT's blocks (runner/assemble.py), the last step of the assembly.
     compile: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Reference-frame conditioning (runner/conditioning.py, Open-Sora 1.2's syntax): reference image(s)
+    # or video(s), several separated by ';' (a prompts file may give them per prompt as
+    # 'caption{"reference_path": "...", "mask_strategy": "..."}'); where they go, either as a
+    # mask_strategy ('loop,ref,ref_start,target_start,length,edit_ratio;...', latent frames; quote
+    # it: mask_strategy='0,0,0,0,1,0') or a shorthand condition=image|extend|connect.
+    reference: Optional[str] = None
+    mask_strategy: Optional[str] = None
+    condition: Optional[str] = None
+    # Latent frames carried over by condition=extend and by each loop; null: one VAE chunk (5 latent
+    # frames for Open-Sora, 1 frame for the demo model).
+    condition_frame_length: Optional[int] = None
+    # Generate the video N times longer: each loop continues the last condition_frame_length frames
+    # of the one before; the loops are stitched without the repeated frames.
+    loop: int = 1
 
 
 FAMILIES = ("demo", "opensora-v1.2")
@@ -244,6 +258,10 @@ def validate(cfg: Config) -> None:
         problems.append(f"sampler.num_timesteps must be >= 1 (got {cfg.sampler.num_timesteps})")
     if cfg.checkpoint.every_steps < 0:
         problems.append(f"checkpoint.every_steps must be >= 0 (0: only on a stop signal), got {cfg.checkpoint.every_steps}")
+    if cfg.loop < 1:
+        problems.append(f"loop must be >= 1 (got {cfg.loop})")
+    if cfg.condition_frame_length is not None and cfg.condition_frame_length < 1:
+        problems.append(f"condition_frame_length must be >= 1 or null (got {cfg.condition_frame_length})")
     if device_problem(cfg.device):
         problems.append(device_problem(cfg.device))
     if cfg.sampler.name != "rflow":

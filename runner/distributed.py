@@ -59,6 +59,10 @@ class ShardedRun:
         # With cfg=2 the sampler combines the halves through the exchange below, else itself.
         self.cfg_combine = self._exchange_halves if par.mesh.cfg == 2 else None
 
+    def band(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's band of a full-size latent-shaped tensor (noise drawn alike on every rank)."""
+        return full if self.shard is None else self.shard.slice(full)
+
     def _exchange_halves(self, v: torch.Tensor) -> torch.Tensor:
         both = self.par.comm.all_gather(v.contiguous(), "cfg", dim=0, tag="cfg")  # [cond; uncond] bands
         v_cond, v_uncond = both.chunk(2)

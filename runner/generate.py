@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runner import cli, distributed, estimate, faults, report as run_report
+from runner import conditioning as conditioning_
 from runner.assemble import Job, assemble
 from runner.checkpoint import Checkpoints
 from runner.config import (
@@ -27,7 +28,7 @@ from runner.config import (
 )
 from runner.distributed import Parallel
 from runner.outputs import OutputDir, check_writable, is_complete, video_key, video_name
-from runner.sampler import check_finite, make_timesteps, sample
+from runner.sampler import GivenFrames, check_finite, make_timesteps, sample
 from runner.video import to_uint8, write_video
 
 register_configs()
@@ -43,14 +44,30 @@ def prompt_seed(base_seed: int, index: int) -> int:
     return base_seed + index
 
 
-def noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
-    """Gaussian noise drawn on the CPU from `seed`, so it is the same on every device and rank."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(device)
+def noise(shape: tuple[int, ...], seed: int, device: torch.device, generator: torch.Generator | None = None
+          ) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU from `seed`, so it is the same on every device and rank.
+    `generator`: continue that CPU generator's stream instead (a conditioned prompt draws its
+    initial noise, every step's noise and each loop's noise from one stream, as Open-Sora does)."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
+
+
+# Video frames -> latent frames per family (the units of a mask strategy), known before the model loads.
+FRAME_MAPS = {"demo": conditioning_.DEMO_FRAMES, "opensora-v1.2": conditioning_.OPENSORA_FRAMES}
+
+
+def prepare_conditioning(cfg: Config, prompts: list[str]) -> list[conditioning_.PromptConditioning]:
+    """Every prompt's references loaded and its strategy checked: a bad one stops the job here,
+    before anything loads or any file is written."""
+    return [conditioning_.prepare(p, cfg.reference, cfg.mask_strategy, cfg.condition, cfg.condition_frame_length,
+                                  cfg.loop, cfg.num_frames, cfg.height, cfg.width, FRAME_MAPS[cfg.model.family])
+            for p in prompts]
 
 
 @torch.no_grad()
 def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool = False, cond=None, phases=None,
-                 ckpt=None):
+                 ckpt=None, given=None):
     """-> (video (3, T, H, W) in [-1, 1], final latent, per-step seconds of the steps run).
 
     `job`: the assembled job (runner/assemble.py): pipeline, parallel job, layout, cache policy.
@@ -58,8 +75,11 @@ def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool =
     encoded here); `phases` (runner.report.Phases), if given, closes "sampling" and "decoding".
     `ckpt`: the video's step checkpoints (runner.checkpoint.VideoCheckpoints), or None: the loop
     resumes from the newest usable one, writes them, and on a stop signal ends at one (Stopped).
-    The group's ranks decode a share of the chunks each; only the writer (the group leader)
-    returns the video.
+    `given`: (reference latents, mask entries, loop index, CPU generator) for a conditioned
+    prompt: the given frames are placed in the noise and kept through the loop (runner.sampler.
+    GivenFrames), the noise of every step drawn in full from the generator and cut to this rank's
+    band. The group's ranks decode a share of the chunks each; every rank of the group gets the video
+    (a loop re-encodes it), only the writer writes it.
     """
     pipe, par = job.pipe, job.par
     settings = cfg.sampler
@@ -68,9 +88,20 @@ def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool =
     height, width = pipe.conditioning_size(cfg.height, cfg.width)
     timesteps = make_timesteps(settings, height, width, cfg.num_frames)
     cond = (pipe.encode_text([prompt]) if cond is None else cond).to(pipe.device)
-    z = noise((1, *pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)), seed, pipe.device)
+    shape = (1, *pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width))
+    frames = None
+    if given is None:
+        z = noise(shape, seed, pipe.device)
+    else:
+        latents, entries, loop, gen = given
+        z = noise(shape, seed, pipe.device, gen)
+        ratios = conditioning_.place(z, latents, entries, loop).cpu()  # host masks: no device sync per step
+        schedule = conditioning_.edit_schedule(ratios, timesteps, settings.num_timesteps)
     resume = ckpt.resume() if ckpt is not None else None  # the same step on every rank of the group
     run = par.start(z if resume is None else resume.latent, cond.y, cond.mask, settings.cfg_scale)  # band, CFG half
+    if given is not None:
+        # Drawn in full on every rank (the same numbers whatever sp or cfg), cut to this rank's band.
+        frames = GivenFrames(schedule, lambda i: run.band(noise(shape, seed, pipe.device, gen)))
     start = 0
     if resume is not None:
         job.policy.load_state(resume.policy)
@@ -79,8 +110,9 @@ def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool =
     if ckpt is not None:
         ckpt.begin()
 
-    def model_fn(z_in, t_in, step):
-        return job.denoise(z_in, t_in, run.y, run.mask, step, fps=cfg.fps, height=height, width=width, rows=run.rows)
+    def model_fn(z_in, t_in, step, **extra):  # extra: the step's x_mask with given frames
+        return job.denoise(z_in, t_in, run.y, run.mask, step, fps=cfg.fps, height=height, width=width, rows=run.rows,
+                           **extra)
 
     step_times: list[float] = []
     bar = None
@@ -108,7 +140,7 @@ def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool =
         with cli.deferred_stops(ckpt is not None and ckpt.stops):
             z = sample(model_fn, run.z, settings, timesteps, pipe.latent_channels, on_step=on_step,
                        cfg_combine=run.cfg_combine, start=start,
-                       before_step=None if ckpt is None else ckpt.before_step)
+                       before_step=None if ckpt is None else ckpt.before_step, given=frames)
         z = run.assemble(z)
         check_finite(z)
     except FloatingPointError as e:  # checked after the first step and at the end
@@ -120,7 +152,6 @@ def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool =
     if phases is not None:
         phases.end("sampling")
     video = par.decode(pipe, z, cfg.num_frames)[0]  # shared by the prompt's group
-    video = video if par.is_writer else None
     if phases is not None:
         phases.end("decoding")
     return video, z, step_times
@@ -153,6 +184,8 @@ def _generate(cfg: Config, out: OutputDir, par: Parallel | None) -> list[dict]:
         for warning in estimate.check(cfg, device, sp=par.mesh.sp, cfg_parallel=par.mesh.cfg):
             if par.rank == 0:
                 print(f"warning: {warning}", file=sys.stderr)
+    conds_in = prepare_conditioning(cfg, prompts)  # references read and checked before any work
+    keys = [c.key() for c in conds_in]
     torch.manual_seed(cfg.seed)
     phases = run_report.Phases(device)
     job = assemble(cfg, device, dtype, par)  # build, load, layout, cache policy, compile
@@ -160,32 +193,52 @@ def _generate(cfg: Config, out: OutputDir, par: Parallel | None) -> list[dict]:
     if pipe.random_weights and par.rank == 0:
         print("note: the model has random weights (model.weights is null); the videos are not meaningful.", file=sys.stderr)
     phases.end("loading")
-    checkpoints = Checkpoints.setup(cfg, job)  # step checkpoints, if the cache policy supports them
+    # step checkpoints, if the cache policy supports them (not with reference frames)
+    checkpoints = Checkpoints.setup(cfg, job, conditioned=any(c.conditioned for c in conds_in))
     seeds = [prompt_seed(cfg.seed, i) for i in range(len(prompts))]
-    names = [video_name(i, p, seeds[i], cfg) for i, p in enumerate(prompts)]
-    par.skip_complete(len(prompts), lambda i: is_complete(out.stem(names[i]), prompts[i], seeds[i], cfg),
+    names = [video_name(i, p, seeds[i], cfg, keys[i]) for i, p in enumerate(prompts)]
+    par.skip_complete(len(prompts), lambda i: is_complete(out.stem(names[i]), prompts[i], seeds[i], cfg, keys[i]),
                       lambda i: names[i])
     t_ready = time.perf_counter()
-    # All prompts in one call: Open-Sora's T5 runs once and is freed before sampling. The
-    # conditioning waits on the host so a long prompts file does not hold device memory.
-    conds = pipe.encode_text(prompts).to("cpu")
+    # All captions (every loop's) in one call: Open-Sora's T5 runs once and is freed before sampling.
+    # The conditioning waits on the host so a long prompts file does not hold device memory.
+    captions = [text for c in conds_in for text in c.captions]
+    conds = pipe.encode_text(captions).to("cpu")
+    first_caption = [sum(len(c.captions) for c in conds_in[:i]) for i in range(len(prompts))]
     phases.end("text_encoding")
     reports = []
     for index, prompt in enumerate(prompts):
         if not par.owns(index):  # another dp group's prompt, or complete already (resume)
             continue
-        seed, name = seeds[index], names[index]
-        notes = pipe.prompt_warnings(prompt)  # what the text encoder drops or cannot read
+        seed, name, plan = seeds[index], names[index], conds_in[index]
+        notes = pipe.prompt_warnings(plan.captions[0])  # what the text encoder drops or cannot read
         if par.is_writer:
             for note in notes:
                 print(f"warning: prompt {index}: {note}", file=sys.stderr)
         t0 = time.perf_counter()
         latent_shape = (1, *pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width))
-        ckpt = checkpoints.video(out.stem(name), prompt, seed, video_key(prompt, seed, cfg), index,
+        ckpt = checkpoints.video(out.stem(name), prompt, seed, video_key(prompt, seed, cfg, keys[index]), index,
                                  cfg.sampler.num_steps, latent_shape)
-        video, latent, step_times = generate_one(
-            job, cfg, prompt, seed, progress=cfg.progress and par.is_writer, cond=conds.select(index), phases=phases,
-            ckpt=ckpt)
+        given = None
+        if plan.conditioned:
+            # Seeded alike on every rank: the references' latents (a sampled VAE posterior) agree.
+            enc_gen = torch.Generator(pipe.device).manual_seed(seed)
+            latents = [pipe.encode_video(v[None].to(pipe.device), enc_gen)[0] for v in plan.videos]
+            noise_gen = torch.Generator().manual_seed(seed)  # one stream for every loop of the prompt
+        videos, step_times, loop_reports = [], [], []
+        for loop in range(plan.plan.loops):
+            if plan.conditioned:
+                given = (latents, plan.entries, loop, noise_gen)
+            video, latent, times = generate_one(
+                job, cfg, prompt, seed, progress=cfg.progress and par.is_writer,
+                cond=conds.select(first_caption[index] + loop), phases=phases, ckpt=ckpt, given=given)
+            videos.append(video)
+            step_times += times
+            if loop + 1 < plan.plan.loops:  # the next loop continues this one's video, encoded again
+                latents.append(pipe.encode_video(video[None], enc_gen)[0])
+                # each loop is a new generation: the policy starts over at its step 0
+                loop_reports.append({"cache": job.policy.report(), "parallel": par.report()})
+        video = conditioning_.stitch(videos, plan.plan.condition_frame_length, FRAME_MAPS[cfg.model.family])
         t_sampled = time.perf_counter()
         # a collective of the group, before the leader-only part; every rank's peaks and CPU time
         parallel_info = par.report(memory=phases.memory())
@@ -205,7 +258,15 @@ def _generate(cfg: Config, out: OutputDir, par: Parallel | None) -> list[dict]:
         rep["parallel"] = parallel_info
         rep["cache"] = job.policy.report()
         start = (ckpt.resumed or 0) if ckpt is not None else 0  # a resumed run times only the steps it ran
-        rep["steps"] = run_report.step_summary(step_times, (rep["cache"].get("pattern") or "")[start:] or None)
+        pattern = "".join(r["cache"].get("pattern") or "" for r in loop_reports) + (rep["cache"].get("pattern") or "")
+        rep["steps"] = run_report.step_summary(step_times, pattern[start:] or None)
+        if keys[index] is not None:
+            rep["conditioning"] = keys[index]
+            rep["conditioning_detail"] = {
+                "reference_paths": plan.paths, "captions": plan.captions,
+                "loops": plan.plan.loops, "stitched_frames": int(frames.shape[0]),
+                # the earlier loops' cache and collectives (the last loop's are "cache" and "parallel")
+                "earlier_loops": loop_reports}
         rep["checkpoint"] = ckpt.report() if ckpt is not None else {
             "every_steps": cfg.checkpoint.every_steps, "supported": False}
         rep["latent_shape"] = list(pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width))

@@ -50,14 +50,19 @@ def content_config(cfg: Config | dict) -> dict:
     return {k: v for k, v in conf.items() if k not in NOT_CONTENT}
 
 
-def video_key(prompt: str, seed: int, cfg: Config) -> str:
-    blob = json.dumps({"prompt": prompt, "seed": seed, "config": content_config(cfg)}, sort_keys=True)
+def video_key(prompt: str, seed: int, cfg: Config, conditioning: dict | None = None) -> str:
+    """`conditioning`: what a conditioned prompt adds (runner.conditioning.PromptConditioning.key:
+    the references' content hashes, the strategy, the loops); None leaves a plain prompt's key as it was."""
+    content = {"prompt": prompt, "seed": seed, "config": content_config(cfg)}
+    if conditioning is not None:
+        content["conditioning"] = conditioning
+    blob = json.dumps(content, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:10]
 
 
-def video_name(index: int, prompt: str, seed: int, cfg: Config) -> str:
-    """<index>-<slug>-s<seed>-<key>: unique for the prompt, its seed and the settings."""
-    return f"{index:04d}-{slug(prompt)}-s{seed}-{video_key(prompt, seed, cfg)}"
+def video_name(index: int, prompt: str, seed: int, cfg: Config, conditioning: dict | None = None) -> str:
+    """<index>-<slug>-s<seed>-<key>: unique for the prompt, its seed, the settings and the conditioning."""
+    return f"{index:04d}-{slug(prompt)}-s{seed}-{video_key(prompt, seed, cfg, conditioning)}"
 
 
 def temp_path(path: str) -> str:
@@ -170,7 +175,7 @@ class OutputDir:
             os.rmdir(self.path)  # only succeeds when empty
 
 
-def is_complete(stem: str, prompt: str, seed: int, cfg: Config) -> bool:
+def is_complete(stem: str, prompt: str, seed: int, cfg: Config, conditioning: dict | None = None) -> bool:
     """<stem>.mp4 and <stem>.json exist, the report is for this prompt, seed and settings, and it
     names this video with the hash the file has now (a pair from two runs, or a video replaced
     after its report, is not complete)."""
@@ -187,6 +192,7 @@ def is_complete(stem: str, prompt: str, seed: int, cfg: Config) -> bool:
         return (rep.get("prompt") == prompt and rep.get("seed") == seed
                 and rep["video"].get("file") == os.path.basename(video)
                 and content_config(rep.get("config")) == content_config(cfg)
+                and rep.get("conditioning") == conditioning
                 and rep["video"].get("sha256") == file_sha256(video))
     except (OSError, ValueError):
         return False

@@ -88,7 +88,24 @@ class StepInfo:
     timestep: float
 
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor, StepInfo], torch.Tensor]
+ModelFn = Callable[..., torch.Tensor]  # (z_in, t_in, info[, x_mask=]) -> model output
+
+
+@dataclass
+class GivenFrames:
+    """Reference frames kept clean through the loop (runner/conditioning.py): the per-step frame
+    schedule (`edit_schedule`: x_mask and the frames re-noised at that step) and `noise(i)`, this
+    rank's band of the full-size noise drawn for step i. The caller has already written the given
+    frames into the latent (`place`)."""
+
+    steps: list  # runner.conditioning.FrameStep per sampling step
+    noise: Callable[[int], torch.Tensor]
+
+
+def renoise(x0: torch.Tensor, eps: torch.Tensor, t: float, num_timesteps: int) -> torch.Tensor:
+    """x0 noised to level t as Open-Sora's RFlowScheduler.add_noise, in its float32 arithmetic."""
+    tau = 1 - torch.tensor(t, dtype=torch.float32) / num_timesteps
+    return tau * x0 + (1 - tau) * eps
 
 
 def guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -105,6 +122,7 @@ def sample(
     cfg_combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
     start: int = 0,
     before_step: Callable[[int, torch.Tensor], None] | None = None,
+    given: GivenFrames | None = None,
 ) -> torch.Tensor:
     """Integrate z (B, C, T, H, W) from noise to data with Euler steps.
 
@@ -115,6 +133,12 @@ def sample(
     called around every step. `start`: the first step to run, z being the latent before it (a
     resumed run). `before_step(i, z)`, at every step boundary before `on_step(i, "start")`, sees the
     latent before step i (step checkpoints, runner/checkpoint.py); it may raise to end the loop.
+
+    `given` (conditioning): at every step, as Open-Sora 1.2's RFLOW.sample, x0 = z; a noise tensor is
+    drawn (every step, used or not, so the random stream is the reference's); frames whose edit
+    ratio is reached at this step are re-noised from x0 to level t; the model gets the step's
+    x_mask (False = given: timestep 0's modulation); after the Euler update the frames not yet
+    generated are set back to x0, so given frames stay exactly the reference's latent.
     """
     n = len(timesteps)
     if not 0 <= start < n:
@@ -126,18 +150,31 @@ def sample(
         if on_step:
             on_step(i, "start")
         info = StepInfo(i, n, t)
+        extra = {}
+        if given is not None:
+            frame = given.steps[i]
+            x0 = z.clone()
+            eps = given.noise(i)
+            keep = frame.x_mask.to(z.device)[None, None, :, None, None]
+            if frame.renoise.any():
+                z = torch.where(frame.renoise.to(z.device)[None, None, :, None, None],
+                                renoise(x0, eps, t, settings.num_timesteps).to(z.dtype), x0)
+            # One row (T,) for the whole batch: the model repeats it to [cond; uncond] or one CFG half.
+            extra["x_mask"] = frame.x_mask[None]
         if cfg_combine is None:
             z_in = torch.cat([z, z], 0)
             t_in = torch.full((z_in.shape[0],), t, device=z.device, dtype=torch.float32)
-            out = model_fn(z_in, t_in, info)[:, :latent_channels]
+            out = model_fn(z_in, t_in, info, **extra)[:, :latent_channels]
             v_cond, v_uncond = out.chunk(2, dim=0)
             v = guidance(v_cond, v_uncond, settings.cfg_scale)
         else:
             t_in = torch.full((z.shape[0],), t, device=z.device, dtype=torch.float32)
-            v = cfg_combine(model_fn(z, t_in, info)[:, :latent_channels])
+            v = cfg_combine(model_fn(z, t_in, info, **extra)[:, :latent_channels])
         t_next = timesteps[i + 1] if i + 1 < n else 0.0
         dt = (t - t_next) / settings.num_timesteps
         z = z.float() + v * dt
+        if given is not None:
+            z = torch.where(keep, z, x0.float())
         if i == start:  # one host sync: a broken run (NaN weights, fp16 overflow) stops now, not after every step
             check_finite(z, f"after step {i + 1} of {n}")
         if on_step:
@@ -151,6 +188,7 @@ def check_finite(z: torch.Tensor, when: str = "after the last step") -> None:
 
 
 __all__ = [
+    "GivenFrames",
     "SamplerSettings",
     "StepInfo",
     "guidance",

@@ -74,6 +74,14 @@ CASES = [
     C(("prompt=x", "parallel.sp=2"), "world size 1"),
     C(("prompt=x", "parallel.layout=ring"), "parallel.layout='ring' is not known"),
     C(("prompt=x", "output_dir=a-file/sub"), "cannot write to output_dir='a-file/sub'"),
+    C(("prompt=x", "reference=missing.png", "condition=image"), "reference file not found"),
+    C(("prompt=x", "reference=broken.png", "condition=image"), "cannot read reference image"),
+    C(("prompt=x", "reference=broken.mp4", "condition=extend"), "cannot read reference video"),
+    C(("prompt=x", "reference=ref.png", "mask_strategy='0,0,0,0,2'"), "too few frames for the strategy"),
+    C(("prompt=x", "reference=ref.png", "mask_strategy='0,0,0,20,1'"), "the range lies outside the target"),
+    C(("prompt=x", "reference=ref.png"), "is given without saying where it goes"),
+    C(("prompt=x", "condition=image"), "condition=image needs a reference"),
+    C(("prompt=x", "loop=2", "condition_frame_length=16"), "each loop must add something"),
 ]
 
 
@@ -89,6 +97,12 @@ def make_files(d: str) -> None:
         f.write("# nothing but a comment\n\n")
     with open(os.path.join(d, "a-file"), "w", encoding="utf-8") as f:
         f.write("")
+    # references: a small image, and files named as an image and a video that are neither
+    from PIL import Image
+    Image.new("RGB", (12, 10), (200, 40, 40)).save(os.path.join(d, "ref.png"))
+    for name in ("broken.png", "broken.mp4"):
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(b"not a picture")
     pipe = random_demo(DEMO_ARCH, 0, "cpu", torch.float32)
     with torch.no_grad():
         pipe.dit.final_layer.linear.weight[0, 0] = float("nan")

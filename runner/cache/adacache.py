@@ -22,6 +22,17 @@ the metric over both halves, exactly as the released code (one batched [cond; un
 The metric residuals are the post-gate branch outputs at the sites, kept through
 runner/cache/branches.py during a computed step. The residual is added in fp32 and rounded once to
 the model dtype; a per-block bf16 cache rounds after every block. The decision needs one host sync per computed step (`tolist`), none on reused steps.
+
+Reference frames (runner/conditioning.py): the metric and MoReg's motion score cover all frames,
+given ones included, as the released code would on a conditioned batch (it sees only the blocks'
+activations). The choice keeps the decision a function of the same partial sums on every layout
+(frames are never split, so no per-frame mask enters the sums) and the agreement one all-reduce.
+Given frames carry timestep 0's modulation and a constant input, so their residual may change less
+than the generated frames' and pull the distance down (more reuse) by at most their share of the
+frames; MoReg's frame differences at a given/generated seam count as motion.
+The reused residual covers given frames too; the sampler sets them back to the reference after
+every step, so a reused step cannot move them. Each loop of `loop=N` is a new generation from step
+0, where the policy resets.
 """
 
 from __future__ import annotations

@@ -72,6 +72,10 @@ class DemoPipeline(PipelineBase):
         """Latent (B, C, T, H, W) -> video (B, 3, T, H, W) in [-1, 1]."""
         return z
 
+    def encode_video(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Video (B, 3, T, H, W) in [-1, 1] -> latent: the identity (the demo model works in pixels)."""
+        return x.to(device=self.device, dtype=torch.float32)
+
     def frame_size(self, z: torch.Tensor) -> tuple[int, int]:
         """(H, W) of the decoded frames of latent z."""
         return int(z.shape[-2]), int(z.shape[-1])

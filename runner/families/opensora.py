@@ -181,6 +181,12 @@ class OpenSoraPipeline(PipelineBase):
         num_frames = num_frames or self.frames_for_latents(z.shape[2])
         return self.decode_chunks(z, num_frames, range(len(self.chunks(num_frames))))
 
+    @torch.no_grad()
+    def encode_video(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Video (B, 3, T, H, W) in [-1, 1] -> latent, sampling both posteriors as Open-Sora's
+        inference does for references (a generator seeded alike on every rank: the same latent)."""
+        return self.vae.encode(x.to(self.device), sample=True, generator=generator).float()
+
     def describe(self) -> dict:
         return {
             "family": self.family,
