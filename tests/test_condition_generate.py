@@ -250,3 +250,28 @@ def test_adacache_conditioned_agrees_across_ranks(tmp_path, one_process, sp):
             else:  # the layout's all-to-alls and at most the one agreement all-reduce
                 assert ops["all_to_all"]["count"] > 0 and ops.keys() <= {"all_to_all", "all_reduce"}
                 assert ops.get("all_reduce", {"count": 1})["count"] == 1
+
+
+# ---- Open-Sora 1.2 (tiny random weights in the published layout) ---------------------------------
+
+
+def test_opensora_image_condition_and_loop(weights_dir, tmp_path):
+    """The VAE family: the reference is encoded with a sampled posterior (generator seeded by the
+    prompt's seed), its latent frame stays exact; loop=2 with one VAE chunk carried over stitches
+    34 + (34 - 17) frames."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from runner.families.opensora import build_opensora_pipeline
+
+    ref = _image(tmp_path / "ref.png", size=(40, 52))
+    common = ("model=opensora-v1.2", f"model.weights_dir={weights_dir}", "height=32", "width=48", "num_frames=34",
+              "sampler.num_steps=2", "progress=false", "save_latent=true", "device=cpu", "prompt=a cat")
+    reps = generate(make_cfg(*common, f"output_dir={tmp_path / 'a'}", f"reference={ref}", "condition=image"))
+    cfg = make_cfg(*common)
+    pipe = build_opensora_pipeline(cfg.model, torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(reps[0]["seed"])
+    expected = pipe.encode_video(load_reference(ref, 32, 48)[None], gen)[0]
+    z = _latent(tmp_path / "a")
+    assert z.shape[2] == 10 and torch.equal(z[0, :, 0], expected[:, 0])
+    generate(make_cfg(*common, f"output_dir={tmp_path / 'b'}", "loop=2"))
+    assert read_video(output_stem(tmp_path / "b") + ".mp4").shape[0] == 34 + 17
