@@ -68,6 +68,19 @@ def test_no_given_frames_is_the_old_sampler():
     assert torch.equal(a, b)  # all frames generated, nothing re-noised: the same arithmetic
 
 
+def test_moreg_counts_pairs_of_generated_frames_only():
+    from runner.cache.metric import motion_sums
+
+    r = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(0))
+    frames = torch.tensor([False, True, True, True])  # frame 0 given
+    per = r.abs().sum(dim=(0, 2, 3), dtype=torch.float64)
+    d = [(r[:, t + 1] - r[:, t]).abs().sum(dtype=torch.float64) for t in (1, 2)]
+    got = motion_sums(r, [1], frames)
+    assert torch.allclose(got, torch.stack([d[0] + d[1], per[2] + per[3] + per[1] + per[2]]), rtol=1e-12)
+    # all generated: the released sums, bit for bit
+    assert torch.equal(motion_sums(r, [1, 2], torch.ones(4, dtype=torch.bool)), motion_sums(r, [1, 2]))
+
+
 # ---- the entry point -----------------------------------------------------------------------------
 
 
@@ -194,14 +207,14 @@ def _conditioned(tmp_path):
 # branch): the shipped demo model, 30 steps (its codebook), 8 frames of 16x16 (4 patch rows).
 DEMO = tuple(a for a in BASE if not a.startswith(("model", "num_frames", "height", "width", "sampler"))) + (
     "model=demo", "num_frames=8", "height=16", "width=16", "sampler.num_steps=30")
-RUNS = {"none": BASE, "adacache": (*DEMO, "cache=adacache")}
+RUNS = {"none": BASE, "adacache": (*DEMO, "cache=adacache"), "adacache-moreg": (*DEMO, "cache=adacache-moreg")}
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     d = tmp_path_factory.mktemp("one")
     out = {}
-    for cache in ("none", "adacache"):
+    for cache in RUNS:
         reps = generate(make_cfg(*RUNS[cache], *_conditioned(d), f"output_dir={d / cache}"))
         out[cache] = (_latent(d / cache), reps[0]["cache"])
     return d, out
@@ -234,15 +247,21 @@ def test_sharded_loop_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sp", [2, 3])
-def test_adacache_conditioned_agrees_across_ranks(tmp_path, one_process, sp):
+@pytest.mark.parametrize("cache,sp", [("adacache", 2), ("adacache", 3), ("adacache-moreg", 2),
+                                      ("adacache-moreg", 3)])
+def test_adacache_conditioned_agrees_across_ranks(tmp_path, one_process, cache, sp):
     d, ref = one_process
-    overrides = (*RUNS["adacache"], *_conditioned(d), f"output_dir={tmp_path / 'out'}", f"parallel.sp={sp}")
+    overrides = (*RUNS[cache], *_conditioned(d), f"output_dir={tmp_path / 'out'}", f"parallel.sp={sp}")
     results = run_dist(_generate, sp, overrides, timeout=120)
-    (parallel, cache), = results[0]
-    assert cache["pattern"] == ref["adacache"][1]["pattern"]  # the same computed steps as one process
-    assert "R" in cache["pattern"]
-    assert _close(_latent(tmp_path / "out"), ref["adacache"][0])
+    (parallel, report), = results[0]
+    # the same rates; the distances equal up to the float64 sums' order (another split of the rows)
+    ours, one = report["decisions"], ref[cache][1]["decisions"]
+    assert [(x["step"], x["rate"]) for x in ours] == [(x["step"], x["rate"]) for x in one]
+    assert all(abs(x["c"] - y["c"]) <= 1e-9 * abs(y["c"]) for x, y in zip(ours, one))
+    assert report["pattern"] == ref[cache][1]["pattern"]  # the same computed steps as one process
+    assert "R" in report["pattern"]
+    assert _close(_latent(tmp_path / "out"), ref[cache][0])
+    cache = report
     for rank in parallel["collectives_per_rank"]:
         for step, ops in rank["per_step"].items():
             if cache["pattern"][int(step)] == "R":

@@ -23,16 +23,17 @@ The metric residuals are the post-gate branch outputs at the sites, kept through
 runner/cache/branches.py during a computed step. The residual is added in fp32 and rounded once to
 the model dtype; a per-block bf16 cache rounds after every block. The decision needs one host sync per computed step (`tolist`), none on reused steps.
 
-Reference frames (runner/conditioning.py): the metric and MoReg's motion score cover all frames,
-given ones included, as the released code would on a conditioned batch (it sees only the blocks'
-activations). The choice keeps the decision a function of the same partial sums on every layout
-(frames are never split, so no per-frame mask enters the sums) and the agreement one all-reduce.
-Given frames carry timestep 0's modulation and a constant input, so their residual may change less
-than the generated frames' and pull the distance down (more reuse) by at most their share of the
-frames; MoReg's frame differences at a given/generated seam count as motion.
-The reused residual covers given frames too; the sampler sets them back to the reference after
-every step, so a reused step cannot move them. Each loop of `loop=N` is a new generation from step
-0, where the policy resets.
+Reference frames (runner/conditioning.py). The relative-L1 distance covers all frames, given ones
+included, as the released code would on a conditioned batch: every token feeds the blocks' output
+that a reused step replays (given frames, with timestep 0's modulation and a constant input, may
+change less than generated ones and so lower the distance somewhat). MoReg's
+motion score counts only pairs of frames generated at that step (the step's x_mask, the same on
+every rank): the jump between a given frame and its generated neighbour is conditioning, not
+motion. Every rank holds all frames of its rows, so both stay partial sums over local data and the
+agreement stays one all-reduce. Without given frames (no x_mask, or all generated) the sums are
+the released ones, bit for bit. The reused residual covers given frames too; the sampler sets
+them back to the reference after every step, so a reused step cannot move them. Each loop of
+`loop=N` is a new generation from step 0, where the policy resets.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ class AdaCache(AgreedPolicy):
         else:
             self._delta = fp32_residual(x_out, e.x)
             if self._prev is not None:
-                self._decide(step.index, cur)
+                self._decide(step.index, cur, getattr(e, "x_mask", None))  # stand-ins without one: all frames
             self._prev = cur
         self.last = s
         return x_out
@@ -235,9 +236,11 @@ class AdaCache(AgreedPolicy):
             total = total + kept[k]
         return total
 
-    def _decide(self, index: int, cur) -> None:
+    def _decide(self, index: int, cur, x_mask=None) -> None:
         s = index + 1
-        local = torch.cat([site_sums(p, c, s, self.moreg) for p, c in zip(self._prev, cur)])
+        # MoReg's frame pairs: the frames generated at this step in every row (None: all frames)
+        frames = None if x_mask is None else x_mask.all(dim=0).cpu()
+        local = torch.cat([site_sums(p, c, s, self.moreg, frames) for p, c in zip(self._prev, cur)])
         d, prev = decide(self.agree(local), index, self.rate, self.codebook, len(self.sites), self.moreg,
                          self.moreg_prev)
         self.verify(d.step, d.key(), lambda k: f"step {k[0]} rate_prev {k[1]} -> rate {k[2]} (c={k[3]})")

@@ -39,27 +39,36 @@ def l1_sums(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
                         prev.abs().sum(dtype=torch.float64)])
 
 
-def motion_sums(r: torch.Tensor, strides) -> torch.Tensor:
+def motion_sums(r: torch.Tensor, strides, frames: torch.Tensor | None = None) -> torch.Tensor:
     """Per stride i: [sum |R[:, i:] - R[:, :-i]|, sum |R[:, i:]| + sum |R[:, :-i]|] (float64).
 
-    R is (B, T, S, C): the shift is along the frame axis T, within this shard.
+    R is (B, T, S, C): the shift is along the frame axis T, within this shard. `frames` (T,) bool,
+    if given: only pairs of two True frames count (the generated frames of a conditioned run, so
+    the jump at a given/generated seam is not motion); None or all True: every pair, as released.
     """
+    if frames is not None and bool(frames.all()):
+        frames = None
     per_frame = r.abs().sum(dim=(0, 2, 3), dtype=torch.float64)  # (T,)
     out = []
     for i in strides:
         if i >= r.shape[1]:
             out += [per_frame.new_zeros(()), per_frame.new_zeros(())]
             continue
-        diff = (r[:, i:].float() - r[:, :-i].float()).abs().sum(dtype=torch.float64)
-        out += [diff, per_frame[i:].sum() + per_frame[:-i].sum()]
+        if frames is None:
+            diff = (r[:, i:].float() - r[:, :-i].float()).abs().sum(dtype=torch.float64)
+            out += [diff, per_frame[i:].sum() + per_frame[:-i].sum()]
+            continue
+        pairs = (frames[i:] & frames[:-i]).to(per_frame.device)
+        diff = (r[:, i:].float() - r[:, :-i].float()).abs().sum(dim=(0, 2, 3), dtype=torch.float64)
+        out += [diff[pairs].sum(), per_frame[i:][pairs].sum() + per_frame[:-i][pairs].sum()]
     return torch.stack(out) if out else per_frame.new_zeros(0)
 
 
-def site_sums(prev, cur, step: int, moreg: MoRegParams | None) -> torch.Tensor:
-    """The partial sums one metric site contributes at 1-based step `step`."""
+def site_sums(prev, cur, step: int, moreg: MoRegParams | None, frames: torch.Tensor | None = None) -> torch.Tensor:
+    """The partial sums one metric site contributes at 1-based step `step` (`frames`: motion_sums')."""
     parts = [l1_sums(prev, cur)]
     if moreg is not None and moreg.active(step):
-        parts.append(motion_sums(cur, moreg.strides))
+        parts.append(motion_sums(cur, moreg.strides, frames))
     return torch.cat(parts)
 
 
