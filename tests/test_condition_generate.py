@@ -153,6 +153,7 @@ def test_loop_3_stitches_without_the_repeated_frames(tmp_path, monkeypatch):
     assert all(len(r["cache"]["pattern"]) == 2 for r in detail["earlier_loops"] if r["cache"].get("pattern"))
 
 
+@pytest.mark.slow  # 30 steps per policy: seconds each
 @pytest.mark.parametrize("cache", ["adacache-moreg", "teacache", "fbcache", "deltadit", "pab246"])
 def test_every_cache_policy_keeps_the_given_frames(tmp_path, cache):
     """The shipped demo model, 30 steps: the policy reuses some steps, the given frame stays the reference's."""
@@ -274,6 +275,7 @@ def test_adacache_conditioned_agrees_across_ranks(tmp_path, one_process, cache, 
 # ---- Open-Sora 1.2 (tiny random weights in the published layout) ---------------------------------
 
 
+@pytest.mark.slow  # builds the Open-Sora pipeline (tiny T5 and VAE) three times
 def test_opensora_image_condition_and_loop(weights_dir, tmp_path):
     """The VAE family: the reference is encoded with a sampled posterior (generator seeded by the
     prompt's seed), its latent frame stays exact; loop=2 with one VAE chunk carried over stitches
