@@ -4,7 +4,9 @@ The fake srun emulates Slurm starting one task per node: it runs its command onc
 SLURM_NODEID/SLURM_PROCID set; the fake torchrun writes its argv (one argument per line) and cwd.
 """
 
+import contextlib
 import os
+import signal
 import stat
 import subprocess
 
@@ -169,13 +171,20 @@ def _stop_fakes(fakes):
 
 
 def _run_sbatch(fakes, repo_root, signum=None, **extra):
-    import signal
-    import time
-
     bin_dir, rec = _stop_fakes(fakes)
     env = _env(bin_dir, rec, **_slurm_env(repo_root, SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2"), **extra)
     p = subprocess.Popen(["bash", os.path.join(repo_root, "launch/slurm.sbatch"), "prompt=x"], cwd="/", env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        return _finish_sbatch(p, rec, signum)
+    finally:  # a failed test leaves no fake rank looping
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def _finish_sbatch(p, rec, signum):
+    import time
+
     if signum is not None:
         deadline = time.monotonic() + 20
         while not (rec / "ready").exists():
