@@ -18,6 +18,27 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+# SIGINT, SIGTERM and SIGUSR1 as the test process started with them.
+_STOPS = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+
+
+@pytest.fixture(autouse=True)
+def _stop_signal_dispositions():
+    """Every test starts and ends with the process's original SIGINT/SIGTERM/SIGUSR1 handling. The
+    runner ignores later stop signals after the first (runner.cli.ignore_stops); a test, or a module
+    fixture, that stops it in-process would otherwise leave SIG_IGN in its xdist worker, every
+    process started later inherits it, and a shell cannot trap a signal ignored on entry (the sbatch
+    signal tests hung)."""
+    def restore():
+        for s, handler in _STOPS.items():
+            if handler is not None and signal.getsignal(s) is not handler:
+                signal.signal(s, handler)
+
+    restore()
+    yield
+    restore()
+
+
 @pytest.fixture
 def repo_root():
     return ROOT
