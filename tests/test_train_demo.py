@@ -9,7 +9,8 @@ from models.loading import read_safetensors
 from runner.config import ModelConfig
 from runner.families import build_pipeline
 from runner.sampler import shift_timestep
-from runner.demo.train import DemoArch, TrainConfig, learning_rate, sample_t, shift_ratio, train
+from runner.demo.train import (DemoArch, TrainConfig, build_demo, init_weights_from, learning_rate, sample_t,
+                               shift_ratio, train)
 from tests.helpers import TINY_TRAIN
 
 
@@ -71,9 +72,11 @@ def test_shift_phases():
         shift_ratio(TrainConfig(t_shift=[3.0, 8.0], t_shift_from=[20, 10]), 0)
 
 
-def test_recipe_defaults_are_those_of_the_shipped_checkpoint():
-    # The shipped run was resumed with other settings of `steps` and `decay_steps` on the way; what
-    # must hold is that the defaults give it the same data, model and per-step lr and shift.
+def test_recipe_defaults_are_the_shipped_run_plus_frame_masks_and_width():
+    # The defaults are the next recipe (issue 17): the shipped run's, plus frame masks and a wider
+    # model. The shipped run's recorded config still loads, and with its own width and no masks it is
+    # the recipe it was trained with. (The shipped run was resumed with other settings of `steps` and
+    # `decay_steps` on the way; what must hold is the same data, model and per-step lr and shift.)
     import dataclasses
     import json
 
@@ -82,19 +85,35 @@ def test_recipe_defaults_are_those_of_the_shipped_checkpoint():
     with open(os.path.join(BUILTIN["demo"], "config.json")) as f:
         shipped = json.load(f)["training"]
     rec = dict(shipped["config"])
-    shipped_cfg = TrainConfig(**{**rec, "arch": DemoArch(**rec["arch"])})
+    shipped_cfg = TrainConfig(**{**rec, "arch": DemoArch(**rec["arch"])}, mask_ratios=None)
     ours = TrainConfig()
     assert ours.steps == shipped["step"]
+    # what the new recipe adds, and nothing else: every recorded setting is still a setting
+    assert set(dataclasses.asdict(ours)) - set(rec) == {"mask_ratios", "init_from"}
+    assert ours.mask_ratios is not None and ours.init_from == ""
+    assert dataclasses.replace(ours.arch, hidden_size=96) == shipped_cfg.arch and ours.arch.hidden_size == 144
     # Not compared: where and how the run was driven (output_dir, resume, progress, logging, saving,
     # max_minutes). The recorded output_dir is where it was trained (/work/demo_run4/demo), not
     # assets/demo: the finished run was copied there, the step runner.demo.ship now performs.
-    same = ("arch", "batch_size", "lr", "warmup", "ema_decay", "cfg_dropout", "num_frames", "size", "seed",
+    same = ("batch_size", "lr", "warmup", "ema_decay", "cfg_dropout", "num_frames", "size", "seed",
             "data_start", "t_uniform_until", "t_uniform_min", "t_uniform_share")
     assert all(getattr(ours, k) == getattr(shipped_cfg, k) for k in same)
     steps = range(ours.steps)
     assert [learning_rate(ours, s) for s in steps] == [learning_rate(shipped_cfg, s) for s in steps]
     assert [shift_ratio(ours, s) for s in steps] == [shift_ratio(shipped_cfg, s) for s in steps]
-    assert dataclasses.asdict(ours).keys() == dataclasses.asdict(shipped_cfg).keys()
+
+
+def test_init_from_loads_a_checkpoint_of_the_same_architecture(tmp_path):
+    src = str(tmp_path / "src")
+    train(TrainConfig(steps=1, output_dir=src, save_every=100, **TINY_TRAIN))
+    pipe = build_demo(TINY_TRAIN["arch"], seed=5)
+    init_weights_from(pipe, src)
+    saved = _weights(src)
+    assert all(torch.equal(saved[k], v) for k, v in pipe.dit.state_dict().items())
+    other = build_demo(DemoArch(depth=1, hidden_size=48, patch_size=[1, 2, 2], num_heads=2, text_width=16,
+                                text_depth=1, text_heads=2), seed=0)
+    with pytest.raises(ValueError, match="another architecture"):
+        init_weights_from(other, src)
 
 
 def test_timesteps_high_noise_phase_then_share():
