@@ -28,9 +28,10 @@ import sys
 PROG = "skipsync-torchrun"
 
 
-def _cores() -> int:
+def available_cores() -> int:
+    """The cores this process may use (taskset, Slurm cpusets), else the machine's."""
     try:
-        return len(os.sched_getaffinity(0))  # what this process may use (taskset, Slurm cpusets)
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
@@ -41,7 +42,7 @@ def set_omp_threads(nproc: int, env=None) -> str | None:
     env = os.environ if env is None else env
     if "OMP_NUM_THREADS" in env or nproc <= 1:  # one process: torch's default (every core) is right
         return None
-    cores = _cores()
+    cores = available_cores()
     n = max(1, cores // nproc)
     env["OMP_NUM_THREADS"] = str(n)  # torchrun passes it to every process and then does not warn
     return f"{PROG}: OMP_NUM_THREADS={n} per process ({cores} cores / {nproc} processes; set it to override)"

@@ -124,10 +124,9 @@ def _cpu_name() -> str:
 
 def environment(device: torch.device, mesh=None) -> dict:
     """The hardware and software a run's figures depend on (for scaling tables)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    from runner.launch import available_cores
+
+    cores = available_cores()
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
            "hostname": platform.node(), "cpu_cores": cores, "threads_per_rank": torch.get_num_threads(),
            "device_type": device.type}

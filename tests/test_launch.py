@@ -39,7 +39,7 @@ def test_exit_code_of_a_signal_is_128_plus_it():
 
 
 def test_omp_threads_share_the_cores(monkeypatch):
-    monkeypatch.setattr("runner.launch._cores", lambda: 16)
+    monkeypatch.setattr("runner.launch.available_cores", lambda: 16)
     e = {}
     assert "OMP_NUM_THREADS=4" in set_omp_threads(4, e) and e["OMP_NUM_THREADS"] == "4"
     e = {}

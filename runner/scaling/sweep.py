@@ -33,6 +33,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from runner.config import CONF_DIR, UserError
+from runner.launch import available_cores
 
 LAUNCHERS = ("local", "slurm")
 
@@ -300,7 +301,7 @@ class Sweep:
                 say(f"skip {p.id}: complete")
         gpus = self.machine_gpus() if self.cfg.launcher == "local" else None
         if gpus is None and self.cfg.launcher == "local":
-            cores = _cores()
+            cores = available_cores()
             if any(p.gpus * self.cfg.threads_per_rank > cores for p in todo):
                 say(f"note: this machine has {cores} cores; points with more processes x threads share them "
                     "(the table shows the cores each rank had)")
@@ -415,13 +416,6 @@ class Sweep:
             recs.append(rec)
             self._progress(i, len(jobs), rec)
         return recs
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def say(msg: str) -> None:
