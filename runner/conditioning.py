@@ -553,7 +553,7 @@ class PromptConditioning:
 
 def prepare(prompt: str, reference: str | None, mask_strategy: str | None, condition: str | None,
             condition_frame_length: int | None, loops: int, num_frames: int, height: int, width: int,
-            frame_map: FrameMap = DEMO_FRAMES) -> PromptConditioning:
+            frame_map: FrameMap = DEMO_FRAMES, condition_frame_edit: float = 0.0) -> PromptConditioning:
     """Parse, load and check one prompt's conditioning (UserError before any work). A prompt's own
     options (JSON after the caption) override the job's `reference` / `mask_strategy`."""
     # Only a prompt that names an option is parsed: any other text (braces included) stays verbatim.
@@ -579,7 +579,7 @@ def prepare(prompt: str, reference: str | None, mask_strategy: str | None, condi
         raise UserError(f"reference {';'.join(paths)!r} is given without saying where it goes: add condition=image "
                         "(first frame), condition=extend, condition=connect, or mask_strategy='...'.")
     entries = parse_mask_strategy(strategy)
-    plan = loop_plan(loops, num_frames, cfl, frame_map, references=len(paths))
+    plan = loop_plan(loops, num_frames, cfl, frame_map, references=len(paths), edit_ratio=condition_frame_edit)
     entries = entries + list(plan.entries)
     # Read now (a missing or broken file stops the job before any work); check needs their frame counts.
     videos = [load_reference(p, height, width) for p in paths]

@@ -113,6 +113,9 @@ class Config:
     # Latent frames carried over by condition=extend and by each loop; null: one VAE chunk (5 latent
     # frames for Open-Sora, 1 frame for the demo model).
     condition_frame_length: Optional[int] = None
+    # Edit ratio of the frames each loop carries over (Open-Sora's condition_frame_edit): 0 keeps them
+    # as they are; r in (0, 1] lets the sampler re-noise and regenerate them once t <= r * 1000.
+    condition_frame_edit: float = 0.0
     # Generate the video N times longer: each loop continues the last condition_frame_length frames
     # of the one before; the loops are stitched without the repeated frames.
     loop: int = 1
@@ -262,6 +265,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"loop must be >= 1 (got {cfg.loop})")
     if cfg.condition_frame_length is not None and cfg.condition_frame_length < 1:
         problems.append(f"condition_frame_length must be >= 1 or null (got {cfg.condition_frame_length})")
+    if not 0.0 <= cfg.condition_frame_edit <= 1.0:
+        problems.append(f"condition_frame_edit must be in [0, 1] (got {cfg.condition_frame_edit})")
     if device_problem(cfg.device):
         problems.append(device_problem(cfg.device))
     if cfg.sampler.name != "rflow":

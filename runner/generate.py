@@ -61,7 +61,8 @@ def prepare_conditioning(cfg: Config, prompts: list[str]) -> list[conditioning_.
     """Every prompt's references loaded and its strategy checked: a bad one stops the job here,
     before anything loads or any file is written."""
     return [conditioning_.prepare(p, cfg.reference, cfg.mask_strategy, cfg.condition, cfg.condition_frame_length,
-                                  cfg.loop, cfg.num_frames, cfg.height, cfg.width, FRAME_MAPS[cfg.model.family])
+                                  cfg.loop, cfg.num_frames, cfg.height, cfg.width, FRAME_MAPS[cfg.model.family],
+                                  cfg.condition_frame_edit)
             for p in prompts]
 
 
@@ -157,6 +158,36 @@ def generate_one(job: Job, cfg: Config, prompt: str, seed: int, progress: bool =
     return video, z, step_times
 
 
+def sample_prompt(job: Job, cfg: Config, prompt: str, seed: int, plan: conditioning_.PromptConditioning, cond_of,
+                  progress: bool = False, phases=None, ckpt=None):
+    """One prompt's video: its loops (one for a plain prompt) generated and stitched.
+
+    `plan`: the prompt's checked conditioning (runner.conditioning.prepare); `cond_of(loop)`: the
+    encoded caption of a loop. -> (video (3, T, H, W), the last loop's latent, per-step seconds of
+    every loop, the reports of the loops before the last)."""
+    pipe = job.pipe
+    given = None
+    if plan.conditioned:
+        # Seeded alike on every rank: the references' latents (a sampled VAE posterior) agree.
+        enc_gen = torch.Generator(pipe.device).manual_seed(seed)
+        latents = [pipe.encode_video(v[None].to(pipe.device), enc_gen)[0] for v in plan.videos]
+        noise_gen = torch.Generator().manual_seed(seed)  # one stream for every loop of the prompt
+    videos, step_times, loop_reports = [], [], []
+    for loop in range(plan.plan.loops):
+        if plan.conditioned:
+            given = (latents, plan.entries, loop, noise_gen)
+        video, latent, times = generate_one(job, cfg, prompt, seed, progress=progress, cond=cond_of(loop),
+                                            phases=phases, ckpt=ckpt, given=given)
+        videos.append(video)
+        step_times += times
+        if loop + 1 < plan.plan.loops:  # the next loop continues this one's video, encoded again
+            latents.append(pipe.encode_video(video[None], enc_gen)[0])
+            # each loop is a new generation: the policy starts over at its step 0
+            loop_reports.append({"cache": job.policy.report(), "parallel": job.par.report()})
+    video = conditioning_.stitch(videos, plan.plan.condition_frame_length, FRAME_MAPS[cfg.model.family])
+    return video, latent, step_times, loop_reports
+
+
 def generate(cfg: Config, par: Parallel | None = None) -> list[dict]:
     """Run the whole job; returns the run reports. Raises UserError / CheckpointError on bad input.
     `par`: the job's parallel setup when the caller made it (the CLI, for its fault handling);
@@ -219,26 +250,9 @@ def _generate(cfg: Config, out: OutputDir, par: Parallel | None) -> list[dict]:
         latent_shape = (1, *pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width))
         ckpt = checkpoints.video(out.stem(name), prompt, seed, video_key(prompt, seed, cfg, keys[index]), index,
                                  cfg.sampler.num_steps, latent_shape)
-        given = None
-        if plan.conditioned:
-            # Seeded alike on every rank: the references' latents (a sampled VAE posterior) agree.
-            enc_gen = torch.Generator(pipe.device).manual_seed(seed)
-            latents = [pipe.encode_video(v[None].to(pipe.device), enc_gen)[0] for v in plan.videos]
-            noise_gen = torch.Generator().manual_seed(seed)  # one stream for every loop of the prompt
-        videos, step_times, loop_reports = [], [], []
-        for loop in range(plan.plan.loops):
-            if plan.conditioned:
-                given = (latents, plan.entries, loop, noise_gen)
-            video, latent, times = generate_one(
-                job, cfg, prompt, seed, progress=cfg.progress and par.is_writer,
-                cond=conds.select(first_caption[index] + loop), phases=phases, ckpt=ckpt, given=given)
-            videos.append(video)
-            step_times += times
-            if loop + 1 < plan.plan.loops:  # the next loop continues this one's video, encoded again
-                latents.append(pipe.encode_video(video[None], enc_gen)[0])
-                # each loop is a new generation: the policy starts over at its step 0
-                loop_reports.append({"cache": job.policy.report(), "parallel": par.report()})
-        video = conditioning_.stitch(videos, plan.plan.condition_frame_length, FRAME_MAPS[cfg.model.family])
+        video, latent, step_times, loop_reports = sample_prompt(
+            job, cfg, prompt, seed, plan, lambda loop: conds.select(first_caption[index] + loop),
+            progress=cfg.progress and par.is_writer, phases=phases, ckpt=ckpt)
         t_sampled = time.perf_counter()
         # a collective of the group, before the leader-only part; every rank's peaks and CPU time
         parallel_info = par.report(memory=phases.memory())

@@ -82,6 +82,7 @@ CASES = [
     C(("prompt=x", "reference=ref.png"), "is given without saying where it goes"),
     C(("prompt=x", "condition=image"), "condition=image needs a reference"),
     C(("prompt=x", "loop=2", "condition_frame_length=16"), "each loop must add something"),
+    C(("prompt=x", "loop=2", "condition_frame_edit=1.5"), "condition_frame_edit must be in [0, 1]"),
 ]
 
 

@@ -153,6 +153,27 @@ def test_loop_3_stitches_without_the_repeated_frames(tmp_path, monkeypatch):
     assert all(len(r["cache"]["pattern"]) == 2 for r in detail["earlier_loops"] if r["cache"].get("pattern"))
 
 
+def test_condition_frame_edit_regenerates_the_carried_frames(tmp_path, monkeypatch):
+    """condition_frame_edit=r: the frames a loop carries over are given only until t <= r * 1000, then
+    re-noised and regenerated (0 keeps them exactly, as in the test above); the strategy in the key
+    and report says so."""
+    import runner.generate as g
+
+    latents, one = [], g.generate_one
+
+    def recording(*args, **kwargs):
+        out = one(*args, **kwargs)
+        latents.append(out[1])
+        return out
+
+    monkeypatch.setattr(g, "generate_one", recording)
+    reps = generate(make_cfg(*BASE, f"output_dir={tmp_path / 'out'}", "prompt=a red circle moves left", "loop=2",
+                             "condition_frame_length=2", "condition_frame_edit=0.5"))
+    a, b = latents
+    assert not torch.equal(b[:, :, :2], a[:, :, -2:])  # regenerated from t = 500 on
+    assert reps[0]["conditioning"]["mask_strategy"] == "1,0,-2,0,2,0.5"
+
+
 @pytest.mark.slow  # 30 steps per policy: seconds each
 @pytest.mark.parametrize("cache", ["adacache-moreg", "teacache", "fbcache", "deltadit", "pab246"])
 def test_every_cache_policy_keeps_the_given_frames(tmp_path, cache):
