@@ -241,3 +241,109 @@ def test_training_split_captions_for_tuning_are_fixed_moving_and_not_held_out():
         assert p["motion"] in OPPOSITE and not dd.is_heldout(p["colour"], p["shape"], p["motion"])
     assert not set(caps) & set(dd.HELDOUT_CAPTIONS)
     assert training_captions(seed=124) != caps
+
+
+# --- continuation and loop seams ----------------------------------------------------------------
+
+
+def _moving(seed, n, frames=8, size=32):
+    rng = np.random.default_rng(seed)
+    specs = []
+    while len(specs) < n:
+        s = dd.sample_spec(rng, "train")
+        if s.motion != "still":
+            specs.append(s)
+    return specs, dd.render_batch(specs, frames, size)
+
+
+def _variant(spec, **fields):
+    """spec with fields replaced, or None where the shape would leave the frame."""
+    other = dataclasses.replace(spec, **fields)
+    try:
+        other.validate()
+    except ValueError:
+        return None
+    return other
+
+
+@pytest.mark.parametrize("given", [1, 4])
+def test_the_source_clip_and_another_speed_continue_it(given):
+    """The source itself continues perfectly; so does the same start at another speed of the training
+    range (one given frame does not fix the speed)."""
+    specs, clips = _moving(21, 60)
+    for s, clip in zip(specs, clips):
+        assert de.continuation(clip, clip, s.caption, given)["ok"]
+    if given == 1:
+        n = 0
+        for travel in dd.TRAVEL_RANGE:
+            for s, clip in zip(specs, clips):
+                other = _variant(s, travel=travel)
+                if other is not None:
+                    n += 1
+                    verdict = de.continuation(dd.render_clip(other, 8, 32), clip, s.caption, given)
+                    assert verdict["ok"], verdict
+        assert n > 60
+
+
+@pytest.mark.parametrize("given", [1, 4])
+def test_a_turned_frozen_or_displaced_continuation_fails(given):
+    specs, clips = _moving(22, 60)
+    turned = shifted = 0
+    for s, clip in zip(specs, clips):
+        frozen = np.concatenate([clip[:given], np.repeat(clip[given - 1:given], 8 - given, 0)])
+        verdict = de.continuation(frozen, clip, s.caption, given)
+        assert not verdict["ok"], verdict
+        # from where the given frames end, the other way (a clip from the centre: room both ways)
+        dx, dy = dd.DIRECTIONS[s.motion]
+        centred = dataclasses.replace(s, x0=0.5 if dx else s.x0, y0=0.5 if dy else s.y0, radius=0.09, travel=0.4)
+        source = dd.render_clip(centred, 8, 32)
+        at = centred.centres(8)[given - 1]
+        back = _variant(centred, motion=OPPOSITE[s.motion], x0=float(at[0]), y0=float(at[1]),
+                        travel=0.4 * (8 - given) / 7)
+        if back is not None:
+            turned += 1
+            video = np.concatenate([source[:given], dd.render_clip(back, 8 - given + 1, 32)[1:]])
+            verdict = de.continuation(video, source, s.caption, given)
+            assert not verdict["ok"], verdict
+        # the right motion, a fifth of the frame across from where it should be
+        for side in (0.2, -0.2):
+            moved = _variant(s, x0=s.x0 + side * abs(dy), y0=s.y0 + side * abs(dx))
+            if moved is not None:
+                shifted += 1
+                video = np.concatenate([clip[:given], dd.render_clip(moved, 8, 32)[given:]])
+                verdict = de.continuation(video, clip, s.caption, given)
+                assert not verdict["position_ok"] and not verdict["ok"], verdict
+                break
+        if given > 1:  # the right track, but starting over from the first frame's place
+            restarted = np.concatenate([clip[:given], clip[: 8 - given]])
+            verdict = de.continuation(restarted, clip, s.caption, given)
+            assert not verdict["position_ok"] and not verdict["ok"], verdict
+        # another colour carries on
+        other = next(c for c in dd.COLOURS if c != s.colour)
+        recoloured = dd.render_batch([dataclasses.replace(s, colour=other)], 8, 32)[0]
+        video = np.concatenate([clip[:given], recoloured[given:]])
+        verdict = de.continuation(video, clip, s.caption, given)
+        assert not verdict["colour_ok"] and not verdict["ok"]
+    assert turned > 20 and shifted > 40, (turned, shifted)
+
+
+def test_continuation_rejects_bad_arguments():
+    specs, clips = _moving(23, 1)
+    with pytest.raises(ValueError, match="given"):
+        de.continuation(clips[0], clips[0], specs[0].caption, 8)
+    with pytest.raises(ValueError, match="differ"):
+        de.continuation(clips[0][:4], clips[0], specs[0].caption, 1)
+
+
+def test_seams_of_a_continuous_track_pass_and_a_jump_fails():
+    """Three 8-frame loops carrying 1 frame over: 22 frames. One straight track across them passes;
+    the third loop starting again from the clip's first place is a jump at its seam."""
+    spec = dd.ClipSpec("red", "square", "right", "dark", x0=0.12, y0=0.5, radius=0.1, travel=0.76)
+    clip = dd.render_clip(spec, 22, 32)
+    verdict = de.seams(clip, spec.caption, loop_frames=8, cut=1)
+    assert verdict["ok"] and verdict["frames"] == 22 and len(verdict["seam_jumps"]) == 2, verdict
+    assert verdict["loop_motions"] == ["right"] * 3
+    jumped = np.concatenate([clip[:15], clip[1:8]])
+    verdict = de.seams(jumped, spec.caption, loop_frames=8, cut=1)
+    assert not verdict["ok"] and verdict["seam_jumps"][1] > 0.3, verdict
+    assert verdict["seam_jumps"][0] <= verdict["inner_step_max"] + de.SEAM_SLACK

@@ -1,8 +1,13 @@
 """Score the demo model on held-out captions: does each video show the captioned colour moving in
 the captioned direction (and which shape)? With a cache policy selected, also PSNR/SSIM of every
-video against the uncached one with the same seed, and the DiT time of both.
+video against the uncached one with the same seed, and the DiT time of both. Then the reference-frame
+modes: given the first k frames of a training-distribution clip, does the rest continue the clip
+(its colour, its track from where the given frames left it, its direction; `judge.continuation`),
+and with loop=N, does the track continue across the seams (`judge.seams`)?
 
     python -m runner.demo.evaluate                          # uncached, 30 steps, 20 held-out captions
+    python -m runner.demo.evaluate --given 1 4 --loop 3     # the default continuation and loop scores
+    python -m runner.demo.evaluate --given --loop 1         # text-to-video only
     python -m runner.demo.evaluate --seeds 2 cache=adacache # any generation override after the flags
     python -m runner.demo.evaluate --response-only          # seconds: how each caption word moves t = 1
 
@@ -33,7 +38,8 @@ from runner.demo import judge
 from runner.demo.data import HELDOUT_CAPTIONS
 from runner.assemble import assemble
 from runner.families import build_pipeline
-from runner.generate import generate_one, prompt_seed
+from runner import conditioning
+from runner.generate import generate_one, prompt_seed, sample_prompt
 from runner.video import to_uint8
 
 
@@ -146,12 +152,82 @@ def demo_predict_x0(pipe, fps: float = 24.0):
     return predict
 
 
+def continuation_clips(n: int, num_frames: int, size: int, seed: int = 321, start: str = "anywhere"):
+    """n moving clips of the training split (a fixed draw): the specs and uint8 (n, T, H, W, 3)."""
+    rng = np.random.default_rng(seed)
+    specs = []
+    while len(specs) < n:
+        spec = demo_data.sample_spec(rng, "train", start=start)
+        if spec.motion != "still":
+            specs.append(spec)
+    return specs, demo_data.render_batch(specs, num_frames, size)
+
+
+def given_frames(video: torch.Tensor, given: int, loops: int, num_frames: int) -> conditioning.PromptConditioning:
+    """The conditioning of `given` first frames of `video` (3, T, H, W), as condition=extend would
+    place them (the demo's frames are its latent frames); given=0: none (text to video)."""
+    plan = conditioning.loop_plan(loops, num_frames, 1, references=1 if given else 0)
+    entries = conditioning.parse_mask_strategy(f"0,0,0,0,{given},0") if given else []
+    return conditioning.PromptConditioning([""] * loops, [], [video[:, :given]] if given else [],
+                                           entries + list(plan.entries), plan)
+
+
+def run_continuations(pipe, cfg: Config, given: int, specs, clips) -> list[dict]:
+    """Generate the rest of every clip from its first `given` frames and its caption; judge each."""
+    job = assemble(cfg, pipe=pipe)
+    out = []
+    try:
+        for i, (spec, clip) in enumerate(zip(specs, clips)):
+            plan = given_frames(demo_data.to_model_range(clip[None])[0], given, 1, cfg.num_frames)
+            cond = pipe.encode_text([spec.caption])
+            video, *_ = sample_prompt(job, cfg, spec.caption, prompt_seed(cfg.seed, i), plan, lambda loop: cond)
+            out.append(judge.continuation(to_uint8(video), clip, spec.caption, given))
+    finally:
+        job.release()
+    return out
+
+
+def run_loops(pipe, cfg: Config, loops: int, captions) -> list[dict]:
+    """Each caption as `loops` loops from text (each carrying its last frame over); judge the seams."""
+    job = assemble(cfg, pipe=pipe)
+    out = []
+    try:
+        for i, caption in enumerate(captions):
+            plan = given_frames(torch.zeros(0), 0, loops, cfg.num_frames)
+            cond = pipe.encode_text([caption])
+            video, *_ = sample_prompt(job, cfg, caption, prompt_seed(cfg.seed, i), plan, lambda loop: cond)
+            out.append(judge.seams(to_uint8(video), caption, cfg.num_frames, plan.plan.cut))
+    finally:
+        job.release()
+    return out
+
+
+def score_continuations(items: list[dict]) -> dict:
+    return {"clips": len(items), "accuracy": float(np.mean([it["ok"] for it in items])),
+            "colour": float(np.mean([it["colour_ok"] for it in items])),
+            "motion": float(np.mean([it["motion_ok"] for it in items])),
+            "position": float(np.mean([it["position_ok"] for it in items])),
+            "mean_position_error": float(np.mean([min(it["position_error"], 1.0) for it in items]))}
+
+
+def score_loops(items: list[dict], motions) -> dict:
+    """Seams passed; and per loop, the share of videos whose loop reads as the captioned motion."""
+    loops = len(items[0]["loop_motions"]) if items else 0
+    return {"videos": len(items), "frames": items[0]["frames"] if items else 0,
+            "seams_ok": float(np.mean([it["ok"] for it in items])),
+            "loop_motion": [float(np.mean([it["loop_motions"][k] == m for it, m in zip(items, motions)]))
+                            for k in range(loops)]}
+
+
 def load_pipeline(cfg: Config):
     device = resolve_device(cfg.device)
     return build_pipeline(cfg.model, device, resolve_dtype(cfg.model.dtype, device))
 
 
-def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
+def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS, given=(), loops: int = 1,
+             clips: int = 20) -> dict:
+    """Text to video on `captions`; then for each k in `given` the continuation of `clips` training
+    clips from their first k frames, and with loops > 1 the seams of `captions` as loops."""
     pipe = load_pipeline(cfg)
     videos, seconds = run_captions(pipe, cfg, captions, seeds)
     caps = [c for _ in range(seeds) for c in captions]
@@ -177,6 +253,16 @@ def evaluate(cfg: Config, seeds: int = 1, captions=HELDOUT_CAPTIONS) -> dict:
         {"caption": c, **{k: v for k, v in item.items() if k in ("ok", "motion_pred", "shape_pred", "colour_ok")}}
         for c, item in zip(caps, result["per_item"])
     ]
+    if given:
+        specs, videos = continuation_clips(clips, cfg.num_frames, cfg.height, start=trained_start(pipe))
+        out["continuation"] = {}
+        for k in given:
+            items = run_continuations(pipe, cfg, k, specs, videos)
+            out["continuation"][str(k)] = {**score_continuations(items), "per_item": items}
+    if loops > 1:
+        items = run_loops(pipe, cfg, loops, captions)
+        motions = [demo_data.parse_caption(c)["motion"] for c in captions]
+        out["loops"] = {"loop": loops, **score_loops(items, motions), "per_item": items}
     return out
 
 
@@ -187,6 +273,12 @@ def main(argv=None) -> None:
     ap.add_argument("--split", choices=("heldout", "train"), default="heldout",
                     help="the held-out captions (the score), or 20 training-split ones (for tuning)")
     ap.add_argument("--json", help="also write the result to this file")
+    ap.add_argument("--given", type=int, nargs="*", default=None, metavar="K",
+                    help="continuation scores from the first K frames of training clips (default: 1 and "
+                         "half the frames; none with an empty list)")
+    ap.add_argument("--loop", type=int, default=3, metavar="N",
+                    help="seams of the captions generated as N loops (default 3; 1: none)")
+    ap.add_argument("--clips", type=int, default=20, help="training clips per continuation score")
     ap.add_argument("--response-only", action="store_true",
                     help="only the caption response at t = 1 (no sampling, seconds)")
     ap.add_argument("overrides", nargs="*", help="generation overrides, e.g. sampler.num_steps=30")
@@ -199,7 +291,15 @@ def main(argv=None) -> None:
         print_response(res["response"])
     else:
         heldout = args.split == "heldout"
-        res = evaluate(cfg, args.seeds, HELDOUT_CAPTIONS if heldout else training_captions())
+        given = args.given if args.given is not None else sorted({1, cfg.num_frames // 2})
+        if any(not 1 <= k < cfg.num_frames for k in given):
+            raise SystemExit(f"--given takes 1 to {cfg.num_frames - 1} frames (num_frames={cfg.num_frames})")
+        if args.loop < 1:
+            raise SystemExit("--loop must be >= 1")
+        if cfg.height != cfg.width and given:
+            raise SystemExit("the continuation clips need square frames (or --given with no value)")
+        res = evaluate(cfg, args.seeds, HELDOUT_CAPTIONS if heldout else training_captions(), given, args.loop,
+                       args.clips)
         print_result(res, "held-out captions" if heldout else "training-split captions")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -241,6 +341,15 @@ def print_result(res: dict, label: str = "held-out captions") -> None:
     print("motion read as: " + ", ".join(f"{k} {v}" for k, v in res["motion_counts"].items()))
     if "response" in res:
         print_response(res["response"])
+    for k, c in res.get("continuation", {}).items():
+        print(f"continuation from the first {k} frame(s) of {c['clips']} training clips: {c['accuracy']:.1%} "
+              f"(colour {c['colour']:.1%}, direction {c['motion']:.1%}, position {c['position']:.1%}, "
+              f"mean position error {c['mean_position_error']:.3f} of the frame)")
+    if "loops" in res:
+        lp = res["loops"]
+        print(f"loop={lp['loop']} ({lp['frames']} frames) on the {lp['videos']} captions: seams continue in "
+              f"{lp['seams_ok']:.1%}; loops moving as captioned: "
+              + ", ".join(f"loop {i} {v:.1%}" for i, v in enumerate(lp["loop_motion"])))
 
 
 if __name__ == "__main__":

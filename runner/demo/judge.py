@@ -137,6 +137,16 @@ def classify_motion(track: np.ndarray, present: np.ndarray) -> dict:
     return out
 
 
+def _centroids(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame of a (T, H, W) mask: its centroid (x, y) in frame fractions, and whether it covers
+    enough of the frame to count as present."""
+    h, w = mask.shape[1:]
+    area = mask.sum((1, 2))
+    safe = np.maximum(area, 1)
+    xs, ys = np.arange(w) + 0.5, np.arange(h) + 0.5
+    centres = np.stack([(mask.sum(1) * xs).sum(1) / safe / w, (mask.sum(2) * ys).sum(1) / safe / h], axis=1)
+    return centres, area >= max(4, MIN_AREA_FRACTION * h * w)
+
 def shape_features(mask: np.ndarray, present: np.ndarray) -> tuple[float, float, float]:
     """Median (fill, corner, drop) over the present frames of a (T, H, W) mask; see above."""
     cues = []
@@ -177,18 +187,11 @@ def judge(video, caption: str) -> dict:
     if want["colour"] is None or want["motion"] is None:
         raise ValueError(f"caption names no colour or no motion: {caption!r}")
     v = as_uint8_video(video)
-    num_frames, h, w = v.shape[:3]
     mask = colour_mask(v, want["colour"])
-    area = mask.sum((1, 2))
-    present = area >= max(4, MIN_AREA_FRACTION * h * w)
+    centres, present = _centroids(mask)
     present_fraction = float(present.mean())
     colour_ok = present_fraction >= MIN_PRESENT_FRAMES
-
-    ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
-    safe = np.maximum(area, 1)
-    track = np.stack([(mask.sum(1) * xs).sum(1) / safe / w,
-                      (mask.sum(2) * ys).sum(1) / safe / h], axis=1)  # centroids, frame fractions
-    motion = classify_motion(track, present)
+    motion = classify_motion(centres, present)
     motion_ok = colour_ok and motion["motion_pred"] == want["motion"]
 
     shape_pred = shape_ok = None
@@ -230,6 +233,79 @@ def score(videos: Sequence, captions: Sequence[str]) -> dict:
         "accuracy_shape": float(np.mean(shaped)) if shaped else nan,
         "per_item": items,
     }
+
+
+
+# --- continuation ------------------------------------------------------------------------------
+
+# Mean distance (frame fractions) of the generated frames' centroids from the source clip's. With one
+# given frame the speed is not known (travel 0.40-0.50 per clip: up to 0.1 apart at the last frame,
+# 0.05 on average); a track turned round, restarted or left behind is off by 0.15 or more.
+POSITION_TOLERANCE = 0.1
+
+
+SEAM_SLACK = 0.05  # frame fractions a seam's step may exceed the largest step inside the loops
+
+
+def track(video, colour: str) -> tuple[np.ndarray, np.ndarray]:
+    """(T, 2) centroids (x, y) of a colour in frame fractions, and (T,) whether it is present."""
+    return _centroids(colour_mask(video, colour))
+
+
+def continuation(video, source, caption: str, given: int) -> dict:
+    """Does `video` continue `source`, the clip whose first `given` frames it was given?
+
+    colour_ok: the caption's colour is in at least MIN_PRESENT_FRAMES of the generated frames;
+    motion_ok: `judge` reads the caption's motion over the whole video, given frames included (one
+    straight track: it neither turns, stops nor jumps where the given frames end); position_ok: the
+    generated frames' centroids lie within POSITION_TOLERANCE of the source's on average (it starts
+    from where the given frames left it and keeps their speed). ok: all three.
+    """
+    v, src = as_uint8_video(video), as_uint8_video(source)
+    if v.shape != src.shape:
+        raise ValueError(f"video {v.shape} and source {src.shape} differ in shape")
+    if not 1 <= given < v.shape[0]:
+        raise ValueError(f"given must be between 1 and {v.shape[0] - 1}, got {given}")
+    colour = parse_caption(caption)["colour"]
+    centres, present = track(v, colour)
+    truth, truth_present = track(src, colour)
+    gen_present = present[given:]
+    colour_ok = bool(gen_present.mean() >= MIN_PRESENT_FRAMES)
+    both = gen_present & truth_present[given:]
+    error = (float(np.linalg.norm(centres[given:][both] - truth[given:][both], axis=1).mean())
+             if both.any() else float("inf"))
+    whole = judge(v, caption)
+    motion_ok = colour_ok and whole["motion_pred"] == parse_caption(caption)["motion"]
+    position_ok = colour_ok and error <= POSITION_TOLERANCE
+    return {"caption": caption, "given": given, "colour_ok": colour_ok, "motion_pred": whole["motion_pred"],
+            "motion_ok": bool(motion_ok), "position_error": error, "position_ok": bool(position_ok),
+            "ok": bool(colour_ok and motion_ok and position_ok)}
+
+
+def seams(video, caption: str, loop_frames: int, cut: int) -> dict:
+    """Loops stitched into one video (each `loop_frames` long, the later ones without their first `cut`
+    frames): does the track continue across every seam? At a seam the centroid must not move further
+    than the largest step inside the loops plus SEAM_SLACK; the colour must be present in at least
+    MIN_PRESENT_FRAMES of all frames. Per loop, the motion `judge` reads (loop 0 = frames 0..loop_frames-1)."""
+    v = as_uint8_video(video)
+    colour = parse_caption(caption)["colour"]
+    centres, present = track(v, colour)
+    step = loop_frames - cut
+    starts = [0] + [loop_frames + i * step for i in range((v.shape[0] - loop_frames) // step)]
+    steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
+    ok_steps = present[1:] & present[:-1]
+    seam_at = set(starts[1:])  # frame index where a later loop's new frames begin
+    inner = [s for i, s in enumerate(steps) if ok_steps[i] and (i + 1) not in seam_at]
+    jumps = [float(steps[s - 1]) if present[s] and present[s - 1] else float("inf") for s in starts[1:]]
+    limit = (max(inner) if inner else 0.0) + SEAM_SLACK
+    loops = []
+    for s in starts:
+        lo = max(0, s - cut) if s else 0
+        loops.append(judge(v[lo:lo + loop_frames], caption)["motion_pred"])
+    colour_ok = bool(present.mean() >= MIN_PRESENT_FRAMES)
+    return {"caption": caption, "frames": int(v.shape[0]), "seam_jumps": jumps, "inner_step_max": limit - SEAM_SLACK,
+            "loop_motions": loops, "colour_ok": colour_ok,
+            "ok": bool(colour_ok and all(j <= limit for j in jumps))}
 
 
 # --- fidelity metrics --------------------------------------------------------------------------
