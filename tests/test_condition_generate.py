@@ -247,7 +247,8 @@ def _close(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,sp,cfg", [("dsp", 2, 1), ("dsp", 3, 1), ("ulysses", 2, 1), ("dsp", 1, 2)])
+@pytest.mark.parametrize("layout,sp,cfg", [("dsp", 2, 1), ("dsp", 3, 1), ("ulysses", 2, 1), ("dsp", 1, 2),
+                                          ("ulysses", 2, 2)])
 def test_sharded_conditioned_equals_one_process(tmp_path, one_process, layout, sp, cfg):
     d, ref = one_process
     overrides = (*BASE, *_conditioned(d), f"output_dir={tmp_path / 'out'}", f"parallel.sp={sp}",
