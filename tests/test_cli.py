@@ -115,3 +115,16 @@ def test_signal_during_the_write_exits_cleanly(tmp_path, sig):
     assert lines[-1].startswith(f"stopped: {signal.Signals(sig).name} received"), err
     assert "Traceback" not in err and len([ln for ln in lines if ln.startswith("stopped")]) == 1, err
     assert not out.exists()  # no partial file, and the directory this run created is gone
+
+
+@pytest.mark.parametrize("given,expect", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE"), ("", "")])
+def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise(given, expect):
+    """runner sets OMP_WAIT_POLICY=PASSIVE before torch loads libgomp (runner/__init__.py); a value
+    in the environment, even empty, is kept. The ranks of a launch inherit it."""
+    env = subprocess_env()
+    env.pop("OMP_WAIT_POLICY", None)
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, runner.generate; print(repr(os.environ['OMP_WAIT_POLICY']))"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == repr(expect)
