@@ -7,7 +7,8 @@ which get the overrides. A `prompt=...` that the grammar rejects, or that would 
 (`${...}`), is refused with the way to pass it instead of a parser traceback or a silently changed prompt.
 
 Signals. SIGINT, SIGTERM (what torchrun and Slurm send at teardown) and SIGUSR1 (Slurm's warning
-before the time limit, `--signal=B:USR1@T`) raise `Interrupted` in the main thread, so every
+before the time limit, `--signal=B:USR1@T`; in a Hydra Slurm sweep also submitit's, runner/requeue.py)
+raise `Interrupted` in the main thread, so every
 `finally` runs (temporary files are removed) and the CLI ends with one line and exit code 128 + the
 signal number. While the sampling loop can stop at a step checkpoint (`deferred_stops`, runner/
 checkpoint.py), a stop signal is only noted (`pending_stop`): the loop stops at an agreed step
@@ -141,11 +142,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 class _Stops:
     deferring = False  # inside deferred_stops()
     pending: int | None = None  # the first stop signal noted while deferring
+    signals: tuple[int, ...] = STOP_SIGNALS  # those stop_on_signals() handles
 
 
 def ignore_stops() -> None:
     """Ignore further stop signals: the process is ending on the first one."""
-    for s in STOP_SIGNALS:
+    for s in _Stops.signals:
         signal.signal(s, signal.SIG_IGN)
 
 
@@ -160,9 +162,11 @@ def _on_stop_signal(signum, frame) -> None:
     raise Interrupted(signum)
 
 
-def stop_on_signals() -> None:
-    """SIGINT, SIGTERM and SIGUSR1 raise Interrupted in the main thread (call from the main thread)."""
-    for s in STOP_SIGNALS:
+def stop_on_signals(extra: tuple[int, ...] = ()) -> None:
+    """SIGINT, SIGTERM, SIGUSR1 and `extra` (submitit's preemption signal, runner/requeue.py) raise
+    Interrupted in the main thread (call from the main thread)."""
+    _Stops.signals = tuple(dict.fromkeys((*STOP_SIGNALS, *extra)))
+    for s in _Stops.signals:
         signal.signal(s, _on_stop_signal)
 
 

@@ -8,7 +8,8 @@ the job's `runner.distributed.Parallel` once it exists:
 - a stop at a step checkpoint (`runner.checkpoint.Stopped`): one `stopped: ...` line from the group
   leader saying where the checkpoint is and how to resume, exit code 75 (EX_TEMPFAIL: rerun to
   resume; Slurm requeues) or 130 for Ctrl-C; the other ranks of the group are not told to stop
-  (they stop at the same step by agreement and may still be writing their shards);
+  (they stop at the same step by agreement and may still be writing their shards); in a Hydra
+  Slurm sweep's job, rank 0 then requeues the job on submitit's preemption signal (runner/requeue.py);
 - a failed collective (`parallel.comm.CollectiveError`: a peer crashed, was killed or stalled):
   one line naming it;
 - anything else: the traceback.
@@ -28,6 +29,7 @@ from models.loading import CheckpointError
 from parallel.comm import CollectiveError
 from parallel.mesh import launch_env
 from parallel.watchdog import _exit
+from runner import requeue
 from runner.checkpoint import Stopped
 from runner.cli import Interrupted
 from runner.config import UserError
@@ -50,6 +52,10 @@ def exit_on_error(e: BaseException, par=None, expected: tuple = EXPECTED) -> Non
             print(f"stopped: {where}{e.message(distributed)}", file=sys.stderr)
         if distributed and par.watchdog is not None:
             par.watchdog.finish()  # a clean end: the peers must not take its silence for a failure
+        rank, world = (par.mesh.rank, par.mesh.world_size) if par is not None else (0, 1)
+        note = requeue.after_stop(e.signum, rank, world)  # a Hydra Slurm sweep's job: requeue it
+        if note:
+            print(f"stopped: {note}", file=sys.stderr)
         _exit(e.exit_code)
     if isinstance(e, Interrupted):
         where = f"[rank {par.mesh.rank}] " if distributed else ""
@@ -57,6 +63,10 @@ def exit_on_error(e: BaseException, par=None, expected: tuple = EXPECTED) -> Non
               "(run the same command again to resume)", file=sys.stderr)
         if distributed and par.watchdog is not None:
             par.watchdog.claim_failure()
+        rank, world = (par.mesh.rank, par.mesh.world_size) if par is not None else (0, 1)
+        note = requeue.after_stop(e.signum, rank, world)  # no checkpoint yet: the rerun starts over
+        if note:
+            print(f"stopped: {note}", file=sys.stderr)
         _exit(e.exit_code)
     if not distributed:
         if not is_expected:

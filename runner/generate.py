@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from runner import cli, distributed, estimate, faults, report as run_report
+from runner import cli, distributed, estimate, faults, report as run_report, requeue
 from runner import conditioning as conditioning_
 from runner.assemble import Job, assemble
 from runner.checkpoint import Checkpoints
@@ -313,6 +313,8 @@ def to_config(cfg: DictConfig) -> Config:
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(dcfg: DictConfig) -> None:
     par = None
+    if requeue.under_submitit():  # a Hydra Slurm sweep's job: submitit's handlers would not checkpoint
+        cli.stop_on_signals(requeue.stop_signals())
     try:
         cfg = to_config(dcfg)
         par = distributed.setup(cfg)

@@ -18,13 +18,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-# SIGINT, SIGTERM and SIGUSR1 as the test process started with them.
-_STOPS = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+# SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 (submitit's) as the test process started with them.
+_STOPS = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
 
 
 @pytest.fixture(autouse=True)
 def _stop_signal_dispositions():
-    """Every test starts and ends with the process's original SIGINT/SIGTERM/SIGUSR1 handling. The
+    """Every test starts and ends with the process's original handling of the stop signals. The
     runner ignores later stop signals after the first (runner.cli.ignore_stops); a test, or a module
     fixture, that stops it in-process would otherwise leave SIG_IGN in its xdist worker, every
     process started later inherits it, and a shell cannot trap a signal ignored on entry (the sbatch

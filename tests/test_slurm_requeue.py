@@ -11,9 +11,11 @@ these tests use.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -118,3 +120,42 @@ def test_a_checkpoint_of_a_2_rank_job_is_resumed_by_a_1_rank_job(cluster, tmp_pa
     assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), log
     assert f"after {int(step_dir[5:])} of 100 steps" in log, log
     assert torch.equal(torch.load(output_stem(out) + ".latent.pt"), references["adacache"])
+
+
+def test_a_hydra_slurm_sweep_job_is_requeued_on_submitits_signal_and_resumes_exactly(cluster, tmp_path, references):
+    """hydra-submitit-launcher: submitit's preemption signal (USR2, what it has Slurm send before the
+    time limit) stops both ranks at a checkpoint; rank 0 requeues the job (runner/requeue.py), the
+    requeued job resumes, and the sweep returns with the uninterrupted run's latent."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra: pip install -e .[slurm]")
+    out, sweep_dir, name = tmp_path / "out", tmp_path / "sweep", f"skipsync-requeue-{os.getpid()}"
+    gpus = "2" if cluster.gpus >= 2 else "null"
+    cmd = [sys.executable, "-m", "runner.generate", "-m", "hydra/launcher=slurm",
+           f"hydra.launcher.partition={cluster.partition}", f"hydra.launcher.name={name}",
+           f"hydra.launcher.gpus_per_node={gpus}", "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep_dir}",
+           *RUNS["none"], *COMMON, "parallel.sp=2", f"output_dir={out}"]
+    with open(tmp_path / "launcher.log", "w+") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not (jobs := cluster.queued("-n", name)) or not glob.glob(str(out / "*.ckpt" / "step-*")):
+                assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.05)
+            (job,) = jobs
+            cluster.jobs.append(job)
+            assert cluster.run("scancel", "--signal=USR2", job).returncode == 0
+            proc.wait(timeout=REQUEUED_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        log.seek(0)
+        launcher = log.read()
+    assert proc.returncode == 0, launcher
+    logs = "".join(p.read_text(errors="replace") for p in sweep_dir.glob(".submitit/*/*_log.*"))
+    assert re.search(r"stopped: .*stopped after (\d+) of 200 steps", logs), logs
+    assert re.search(r"stopped: job \d+ requeued: it resumes from the checkpoint\n", logs), logs
+    assert "resuming" in logs, logs
+    with open(output_stem(out) + ".json", encoding="utf-8") as f:
+        assert json.load(f)["checkpoint"]["resumed_from_step"] > 0
+    assert torch.equal(torch.load(output_stem(out) + ".latent.pt"), references["none"])
