@@ -128,7 +128,8 @@ def test_prompt_options_in_a_prompts_file(tmp_path):
     assert torch.equal(_latent(tmp_path / "out", 0)[0, :, 0], load_reference(ref, 9, 10)[:, 0])
 
 
-def test_loop_3_stitches_without_the_repeated_frames(tmp_path, monkeypatch):
+def _record_latents(monkeypatch) -> list:
+    """The final latent of every generate_one call (each loop's), in order."""
     import runner.generate as g
 
     latents, one = [], g.generate_one
@@ -139,6 +140,11 @@ def test_loop_3_stitches_without_the_repeated_frames(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(g, "generate_one", recording)
+    return latents
+
+
+def test_loop_3_stitches_without_the_repeated_frames(tmp_path, monkeypatch):
+    latents = _record_latents(monkeypatch)
     reps = generate(make_cfg(*BASE, f"output_dir={tmp_path / 'out'}", "prompt=a red circle moves left", "loop=3",
                              "condition_frame_length=2", "sampler.num_steps=2"))
     frames = read_video(output_stem(tmp_path / "out") + ".mp4")
@@ -157,16 +163,7 @@ def test_condition_frame_edit_regenerates_the_carried_frames(tmp_path, monkeypat
     """condition_frame_edit=r: the frames a loop carries over are given only until t <= r * 1000, then
     re-noised and regenerated (0 keeps them exactly, as in the test above); the strategy in the key
     and report says so."""
-    import runner.generate as g
-
-    latents, one = [], g.generate_one
-
-    def recording(*args, **kwargs):
-        out = one(*args, **kwargs)
-        latents.append(out[1])
-        return out
-
-    monkeypatch.setattr(g, "generate_one", recording)
+    latents = _record_latents(monkeypatch)
     reps = generate(make_cfg(*BASE, f"output_dir={tmp_path / 'out'}", "prompt=a red circle moves left", "loop=2",
                              "condition_frame_length=2", "condition_frame_edit=0.5"))
     a, b = latents
