@@ -39,8 +39,15 @@ PROMPT = "a red circle moves left"
 SMALL = ("model=demo", "num_frames=4", "height=16", "width=16", "progress=false", "device=cpu", "save_latent=true",
          "check_memory=false", f"prompt={PROMPT}")
 # AdaCache's published codebook is for 30 steps; without a cache fewer steps do
-STEPS = {"none": 12, "adacache": 30, "adacache-moreg": 30}
+STEPS = {"none": 12, "adacache": 30, "adacache-moreg": 30, "teacache": 30, "fbcache": 30}
 CACHES = tuple(STEPS)
+# These decide inside a step whether it reuses: every step boundary is one where a stop can land.
+DECIDED_IN_STEP = {"teacache", "fbcache"}
+
+
+def _boundaries(cache, rep) -> list[int]:
+    """The steps before which the run can stop and checkpoint."""
+    return list(range(STEPS[cache])) if cache in DECIDED_IN_STEP else rep["cache"]["computed_steps"]
 
 
 def _run(out, *overrides):
@@ -89,7 +96,7 @@ def _steps(ckpt_dir) -> list[int]:
 @pytest.mark.parametrize("cache", CACHES)
 def test_stop_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, references, cache, capsys):
     ref_rep, ref = references[cache]
-    computed = ref_rep["cache"]["computed_steps"]
+    computed = _boundaries(cache, ref_rep)
     _stop_at_boundary(monkeypatch, 4)
     with pytest.raises(Stopped) as stop:
         _run(tmp_path, f"cache={cache}")
@@ -111,8 +118,8 @@ def test_stop_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, re
 @pytest.mark.parametrize("cache", CACHES)
 def test_a_stop_at_any_computed_step_resumes_exactly(tmp_path, monkeypatch, references, cache):
     ref_rep, ref = references[cache]
-    computed = ref_rep["cache"]["computed_steps"]
-    for k in range(0, len(computed) - 1, 1 if cache != "none" else 7):
+    computed = _boundaries(cache, ref_rep)
+    for k in range(0, len(computed) - 1, {"none": 7, **dict.fromkeys(DECIDED_IN_STEP, 3)}.get(cache, 1)):
         step = computed[k]
         _stop_at_boundary(monkeypatch, k)
         with pytest.raises(Stopped) as stop:
@@ -523,3 +530,31 @@ def test_torchrun_sigterm_stops_every_rank_at_one_step_and_resumes_on_any_layout
                 assert sorted(map(int, per_step)) == list(range(step, 100))
                 assert all(per_step[str(i)] == {} for i in range(step, 100) if pattern[i] == "R")
                 assert all(per_step[str(i)] for i in range(step, 100) if pattern[i] == "C")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", sorted(DECIDED_IN_STEP))
+def test_a_policy_deciding_inside_the_step_stops_on_2_ranks_and_resumes_exactly(tmp_path, cache):
+    """TeaCache and FBCache on sp=2: SIGTERM stops both ranks at one step (any step: the decision is
+    taken inside it), and the same command resumes to the uninterrupted 2-rank run's latent."""
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
+    job = (f"cache={cache}", "parallel.sp=2")
+    r = subprocess.run([*_launch(2, *job, "progress=false"), f"output_dir={tmp_path / 'ref'}"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ref_rep, ref = _report(tmp_path / "ref"), torch.load(output_stem(tmp_path / "ref") + ".latent.pt")
+    assert "R" in ref_rep["cache"]["pattern"]
+    out, log = tmp_path / "out", tmp_path / "log"
+    p = _start(_launch(2, *job, "progress=true", f"output_dir={out}"), log, tmp_path)
+    _wait_for(lambda: "sampling:" in log.read_text(), p, log)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(120) == 75, log.read_text()
+    (ckpt,) = glob.glob(str(out / "*.ckpt"))
+    (step,) = _steps(ckpt)
+    assert sorted(os.listdir(os.path.join(ckpt, f"step-{step:04d}"))) == ["0-0.pt", "0-1.pt"]
+    r = subprocess.run([*_launch(2, *job, "progress=false"), f"output_dir={out}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rep = _report(out)
+    assert rep["checkpoint"]["resumed_from_step"] == step and rep["cache"]["pattern"] == ref_rep["cache"]["pattern"]
+    assert torch.equal(torch.load(output_stem(out) + ".latent.pt"), ref)

@@ -87,6 +87,25 @@ class FBCache(AgreedPolicy):
     def release(self) -> None:
         self._tail = self._ref = None
 
+    # -- step checkpoints: the decision is taken inside a step, so every boundary may hold one (a
+    # reused step runs layer 0's collectives and the decision's all-reduce anyway, and the store
+    # check of the stop agreement is not a collective).
+    checkpointable = True
+
+    def state(self) -> dict:
+        """The distances so far, and as bands (B, T, S_r, C): layer 0's residual and the tail
+        residual of the last computed step."""
+        out = super().state()
+        out["meta"]["values"] = [[k, v] for k, v in sorted(self.values.items())]
+        tensors = {name: t for name, t in (("ref", self._ref), ("tail", self._tail)) if t is not None}
+        out["tensors"], out["bands"] = tensors, {name: 2 for name in tensors}
+        return out
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.values = {int(k): float(v) for k, v in state["meta"]["values"]}
+        self._ref, self._tail = state["tensors"].get("ref"), state["tensors"].get("tail")
+
     def bytes_held(self) -> int:
         return tensor_bytes(self._tail, self._ref)
 

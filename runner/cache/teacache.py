@@ -139,6 +139,25 @@ class TeaCache(AgreedPolicy):
             x_out = add_residual(e.x, self._residual)
         return x_out
 
+    # -- step checkpoints: decided inside the step, like FBCache (runner/cache/fbcache.py)
+    checkpointable = True
+
+    def state(self) -> dict:
+        """The accumulated distance and the decisions so far, and as bands (B, T, S_r, C): block 0's
+        modulated input of the previous step and the whole-stack residual of the last computed one."""
+        out = super().state()
+        out["meta"].update(acc=self.rule.acc, values=[[k, v] for k, v in sorted(self.values.items())])
+        tensors = {name: t for name, t in (("prev_inp", self._prev_inp), ("residual", self._residual))
+                   if t is not None}
+        out["tensors"], out["bands"] = tensors, {name: 2 for name in tensors}
+        return out
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.rule.acc = float(state["meta"]["acc"])
+        self.values = {int(k): dict(v) for k, v in state["meta"]["values"]}
+        self._prev_inp, self._residual = state["tensors"].get("prev_inp"), state["tensors"].get("residual")
+
     def bytes_held(self) -> int:
         return tensor_bytes(self._residual, self._prev_inp)
 
