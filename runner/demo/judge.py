@@ -300,7 +300,7 @@ def seams(video, caption: str, loop_frames: int, cut: int) -> dict:
     limit = (max(inner) if inner else 0.0) + SEAM_SLACK
     loops = []
     for s in starts:
-        lo = max(0, s - cut) if s else 0
+        lo = max(0, s - cut)
         loops.append(judge(v[lo:lo + loop_frames], caption)["motion_pred"])
     colour_ok = bool(present.mean() >= MIN_PRESENT_FRAMES)
     return {"caption": caption, "frames": int(v.shape[0]), "seam_jumps": jumps, "inner_step_max": limit - SEAM_SLACK,
