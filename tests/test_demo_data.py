@@ -170,6 +170,33 @@ def test_edge_start_puts_moving_shapes_near_the_far_edge():
         dd.sample_spec(rng, "train", start="middle")
 
 
+def test_inside_start_moves_at_edge_speed_from_anywhere_its_path_fits():
+    rng = np.random.default_rng(12)
+    moving = [s for s in (dd.sample_spec(rng, "train", start="inside") for _ in range(300)) if s.motion != "still"]
+    middle = 0
+    for s in moving:
+        dx, dy = dd.DIRECTIONS[s.motion]
+        lo, hi = s.radius + dd.MARGIN, 1 - s.radius - dd.MARGIN
+        along, d = (s.x0 if dx else s.y0), dx or dy
+        assert dd.EDGE_TRAVEL_RANGE[0] <= s.travel <= dd.EDGE_TRAVEL_RANGE[1]
+        assert lo <= along + min(d, 0) * s.travel and along + max(d, 0) * s.travel <= hi  # the path fits
+        s.validate()
+        middle += (hi - dd.EDGE_BAND > along) if d < 0 else (along > lo + dd.EDGE_BAND)  # not an edge start
+    assert middle > 0.6 * len(moving)
+
+
+def test_per_sample_starts_draw_the_same_numbers():
+    # a batch mixing starts is, sample for sample, the one-start batch's clip where the starts agree
+    starts = ["edge", "inside", "anywhere", "edge"] * 4
+    mixed = dd.make_batch(np.random.default_rng(3), 16, 8, 16, start=starts)
+    edge = dd.make_batch(np.random.default_rng(3), 16, 8, 16, start="edge")
+    assert mixed[1] == edge[1]
+    same = torch.tensor([s == "edge" for s in starts])
+    assert torch.equal(mixed[0][same], edge[0][same]) and not torch.equal(mixed[0][~same], edge[0][~same])
+    with pytest.raises(ValueError, match="3 starts for a batch of 4"):
+        dd.make_batch(np.random.default_rng(3), 4, 8, 16, start=["edge"] * 3)
+
+
 def test_default_start_is_anywhere_and_edge_start_gives_direction_a_placement():
     a, b = np.random.default_rng(4), np.random.default_rng(4)
     assert [dd.sample_spec(a) for _ in range(20)] == [dd.sample_spec(b, "train", "anywhere") for _ in range(20)]

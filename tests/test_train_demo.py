@@ -89,8 +89,8 @@ def test_recipe_defaults_are_the_shipped_run_plus_frame_masks_and_width():
     ours = TrainConfig()
     assert ours.steps == shipped["step"]
     # what the new recipe adds, and nothing else: every recorded setting is still a setting
-    assert set(dataclasses.asdict(ours)) - set(rec) == {"mask_ratios", "init_from"}
-    assert ours.mask_ratios is not None and ours.init_from == ""
+    assert set(dataclasses.asdict(ours)) - set(rec) == {"mask_ratios", "init_from", "masked_start"}
+    assert ours.mask_ratios is not None and ours.init_from == "" and ours.masked_start is None
     assert dataclasses.replace(ours.arch, hidden_size=96) == shipped_cfg.arch and ours.arch.hidden_size == 144
     # Not compared: where and how the run was driven (output_dir, resume, progress, logging, saving,
     # max_minutes). The recorded output_dir is where it was trained (/work/demo_run4/demo), not

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from models.loading import read_safetensors
+from runner.demo import data as dd, judge
 from runner.demo.train import (MaskRatios, TrainConfig, build_demo, frame_masks, mask_shares, rf_loss,
-                               state_path, train)
+                               state_path, train, training_batch)
 from tests.helpers import TINY_TRAIN
 
 NONE = dict(first_frame=0.0, first_k=0.0, last_k=0.0, first_last=0.0, random=0.0)
@@ -139,3 +140,36 @@ def test_resume_with_masks_is_bit_exact(tmp_path):
     train(TrainConfig(steps=4, output_dir=nomask, **{**kw, "mask_ratios": None}))
     c = _weights(nomask)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_masked_start_moves_only_the_samples_with_given_frames():
+    def batch(masked_start):
+        cfg = TrainConfig(batch_size=64, num_frames=8, size=32, masked_start=masked_start)
+        return training_batch(cfg, np.random.default_rng(5), np.random.default_rng([5, 1]))
+
+    x0, captions, x_mask = batch(None)
+    y0, captions_inside, y_mask = batch("inside")
+    assert captions == captions_inside and torch.equal(x_mask, y_mask)
+    given = ~x_mask.all(1)
+    assert 0 < given.sum() < 64
+    assert torch.equal(x0[~given], y0[~given])  # text-to-video samples: the edge recipe's clips
+
+    # given frames: edge starts put every moving shape within the first 0.3 of its axis; inside ones
+    # are spread along it
+    def starts(clips, rows):
+        out = []
+        for i in np.flatnonzero(rows.numpy()):
+            p = dd.parse_caption(captions[i])
+            if p["motion"] == "still":
+                continue
+            centres, _ = judge.track(clips[i], p["colour"])
+            dx, dy = dd.DIRECTIONS[p["motion"]]
+            along = centres[0, 0] if dx else centres[0, 1]
+            out.append(along if (dx or dy) > 0 else 1 - along)  # distance from the edge it leaves
+        return np.array(out)
+
+    edge, inside = starts(x0, given), starts(y0, given)
+    assert len(edge) > 5 and edge.max() < 0.3
+    assert (inside > 0.3).mean() > 0.3
+    with pytest.raises(ValueError, match="masked_start must be one of"):
+        train(TrainConfig(**{**TINY_TRAIN, "masked_start": "middle"}, steps=1))

@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from itertools import product
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -190,7 +190,9 @@ MARGIN = 0.05
 # centre). With "anywhere" the mean "left" and "right" clips hold the same colour in the same places
 # in opposite frame order; with "edge" "left" also means "on the right", a part of the caption's
 # effect that depends on the word and the position only, which a model picks up first (README).
-STARTS: tuple[str, ...] = ("anywhere", "edge")
+# "inside": edge's speed, starting anywhere its path fits (given frames in the middle of the frame,
+# as a loop's carried-over frame is).
+STARTS: tuple[str, ...] = ("anywhere", "edge", "inside")
 EDGE_BAND = 0.05
 EDGE_TRAVEL_RANGE = (0.30, 0.35)
 
@@ -216,7 +218,7 @@ def _sample_geometry(rng: np.random.Generator, motion: str, start: str = "anywhe
     if start not in STARTS:
         raise ValueError(f"start must be one of {STARTS}, not {start!r}")
     radius = rng.uniform(*RADIUS_RANGE)
-    travel = 0.0 if motion == "still" else rng.uniform(*(EDGE_TRAVEL_RANGE if start == "edge" else TRAVEL_RANGE))
+    travel = 0.0 if motion == "still" else rng.uniform(*(TRAVEL_RANGE if start == "anywhere" else EDGE_TRAVEL_RANGE))
     lo, hi = radius + MARGIN, 1.0 - radius - MARGIN
     dx, dy = DIRECTIONS[motion]
 
@@ -353,9 +355,13 @@ def make_batch(
     num_frames: int = 16,
     size: int = 32,
     split: str = "train",
-    start: str = "anywhere",
+    start: str | Sequence[str] = "anywhere",
 ) -> tuple[torch.Tensor, list[str]]:
-    """(video float32 (B, 3, T, H, W) in [-1, 1], captions) for random specs of a split."""
-    specs = [sample_spec(rng, split, start) for _ in range(batch_size)]
+    """(video float32 (B, 3, T, H, W) in [-1, 1], captions) for random specs of a split; `start`: one
+    of STARTS for all samples or one per sample (every start draws the same numbers from rng)."""
+    starts = [start] * batch_size if isinstance(start, str) else list(start)
+    if len(starts) != batch_size:
+        raise ValueError(f"{len(starts)} starts for a batch of {batch_size}")
+    specs = [sample_spec(rng, split, s) for s in starts]
     return to_model_range(render_batch(specs, num_frames, size)), [s.caption for s in specs]
 

@@ -154,6 +154,10 @@ class TrainConfig:
     # demo_data.STARTS: where a moving shape starts on its axis. "edge" (the shipped run): at the
     # edge it moves away from, so the direction word also says where the shape starts.
     data_start: str = "edge"
+    # Where a moving shape starts in samples with given frames; null: data_start. "inside" shows the
+    # model given frames in the middle of the frame, as a loop's carried-over frame is (an edge start
+    # only ever gives it a shape at the edge); the caption needs no position cue there.
+    masked_start: Optional[str] = None
     num_frames: int = 8
     size: int = 32
     seed: int = 0
@@ -317,6 +321,19 @@ def save(pipe: DemoPipeline, ema: EMA, cfg: TrainConfig, step: int, loss: float,
     shutil.rmtree(old, ignore_errors=True)
 
 
+def training_batch(cfg: TrainConfig, rng: np.random.Generator, mask_rng: np.random.Generator):
+    """One step's (clips, captions, x_mask or None). The masks come from mask_rng and the clips from
+    rng alone, so masked_start changes the masked samples' geometry and nothing else."""
+    x_mask = None
+    starts = cfg.data_start
+    if cfg.mask_ratios is not None:
+        x_mask = frame_masks(cfg.mask_ratios, cfg.batch_size, cfg.num_frames // cfg.arch.patch_size[0], mask_rng)
+        if cfg.masked_start is not None:
+            starts = [cfg.data_start if row.all() else cfg.masked_start for row in x_mask]
+    x0, captions = demo_data.make_batch(rng, cfg.batch_size, cfg.num_frames, cfg.size, "train", starts)
+    return x0, captions, x_mask
+
+
 def state_path(cfg: TrainConfig) -> str:
     return cfg.output_dir.rstrip("/") + ".train_state.pt"
 
@@ -325,8 +342,10 @@ def train(cfg: TrainConfig) -> dict:
     check_output_dir(cfg.output_dir)  # before anything is written
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
-    if cfg.data_start not in demo_data.STARTS:
-        raise ValueError(f"data_start must be one of {demo_data.STARTS}, not {cfg.data_start!r}")
+    for name in ("data_start", "masked_start"):
+        value = getattr(cfg, name)
+        if value not in demo_data.STARTS and not (name == "masked_start" and value is None):
+            raise ValueError(f"{name} must be one of {demo_data.STARTS}, not {value!r}")
     if not (0 <= cfg.t_uniform_min < 1 and 0 <= cfg.t_uniform_share <= 1):
         raise ValueError("t_uniform_min must be in [0, 1) and t_uniform_share in [0, 1]")
     pt = cfg.arch.patch_size[0]
@@ -375,10 +394,7 @@ def train(cfg: TrainConfig) -> dict:
         lr = learning_rate(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        x0, captions = demo_data.make_batch(rng, cfg.batch_size, cfg.num_frames, cfg.size, "train", cfg.data_start)
-        x_mask = None
-        if cfg.mask_ratios is not None:
-            x_mask = frame_masks(cfg.mask_ratios, cfg.batch_size, cfg.num_frames // pt, mask_rng)
+        x0, captions, x_mask = training_batch(cfg, rng, mask_rng)
         losses = rf_loss(pipe, x0, captions, cfg, gen, step, x_mask)
         loss = losses.mean()
         opt.zero_grad(set_to_none=True)
