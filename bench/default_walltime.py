@@ -3,11 +3,14 @@ time (the run report's `sampling_s`), for one or more OpenMP wait policies run i
 
     python bench/default_walltime.py [--runs 3]
     python bench/default_walltime.py --runs 3 --policies library PASSIVE --busy 1
+    python bench/default_walltime.py --runs 5 --weights builtin:demo runs/train_demo
 
 `--policies`: OMP_WAIT_POLICY values to compare, interleaved run by run; `library` runs with
 OMP_WAIT_POLICY set to the empty string, which libgomp ignores (its own default: spin, then sleep),
 and `runner` leaves the variable unset (SkipSync's default, runner/__init__.py). `--busy N` keeps
-N other processes spinning on the CPU meanwhile, as on a shared machine.
+N other processes spinning on the CPU meanwhile, as on a shared machine. `--weights`: demo
+checkpoints to compare (each with every policy, interleaved); the ratios to the first are printed.
+Hydra overrides go before the options (`... sampler.num_steps=3 --weights A B`).
 """
 
 import argparse
@@ -50,28 +53,39 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--policies", nargs="+", default=["runner"])
     ap.add_argument("--busy", type=int, default=0, help="other processes kept spinning meanwhile")
+    ap.add_argument("--weights", nargs="+", default=[None], help="model.weights values to compare")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
+    if any(w is not None and "=" in w for w in args.weights):
+        ap.error("an override after --weights: put Hydra overrides before the options")
     stop = multiprocessing.Event()
     spinners = [multiprocessing.Process(target=spin, args=(stop,), daemon=True) for _ in range(args.busy)]
     for p in spinners:
         p.start()
-    times = {p: [] for p in args.policies}
+    variants = [(p, w) for w in args.weights for p in args.policies]
+    times = {v: [] for v in variants}
     try:
         with tempfile.TemporaryDirectory() as out:
             for i in range(args.runs):
-                for policy in args.policies:
-                    times[policy].append(run_once(policy, f"{out}/{policy}-{i}", args.overrides))
+                for j, (policy, weights) in enumerate(variants):
+                    extra = [] if weights is None else [f"model.weights={weights}"]
+                    times[policy, weights].append(run_once(policy, f"{out}/{j}-{i}", [*extra, *args.overrides]))
     finally:
         stop.set()
         for p in spinners:
             p.join()
     print(f"default generation, {args.runs} runs per policy, interleaved, {args.busy} busy processes, "
           f"{os.cpu_count()} CPUs:")
-    for policy, rows in times.items():
+    first = times[variants[0]]
+    for (policy, weights), rows in times.items():
         wall, sampling = [r[0] for r in rows], [r[1] for r in rows]
-        print(f"  OMP_WAIT_POLICY {policy:<8} wall min {min(wall):.2f} s, median {statistics.median(wall):.2f} s; "
+        name = f"OMP_WAIT_POLICY {policy:<8}" + ("" if weights is None else f" weights {weights}")
+        print(f"  {name} wall min {min(wall):.2f} s, median {statistics.median(wall):.2f} s; "
               f"sampling min {min(sampling):.2f} s, median {statistics.median(sampling):.2f} s")
+        if rows is not first:  # per run against the first variant's run of the same round
+            for i, label in ((0, "wall"), (1, "sampling")):
+                ratios = [r[i] / f[i] for r, f in zip(rows, first)]
+                print(f"    {label} / first variant's: min {min(ratios):.2f}, median {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":
