@@ -347,3 +347,45 @@ def test_seams_of_a_continuous_track_pass_and_a_jump_fails():
     verdict = de.seams(jumped, spec.caption, loop_frames=8, cut=1)
     assert not verdict["ok"] and verdict["seam_jumps"][1] > 0.3, verdict
     assert verdict["seam_jumps"][0] <= verdict["inner_step_max"] + de.SEAM_SLACK
+
+
+def test_seams_fail_a_track_that_freezes_crawls_or_turns_back_after_loop_0():
+    spec = dd.ClipSpec("red", "square", "right", "dark", x0=0.2, y0=0.5, radius=0.1, travel=0.6)
+    clip = dd.render_clip(spec, 22, 32)  # 0.6 over 21 frames: reaches no border
+    verdict = de.seams(clip, spec.caption, loop_frames=8, cut=1)
+    assert verdict["ok"] and all(abs(s - 1) < 0.15 for s in verdict["seam_speeds"]), verdict
+    frozen = np.concatenate([clip[:8], np.repeat(clip[7:8], 14, axis=0)])
+    verdict = de.seams(frozen, spec.caption, loop_frames=8, cut=1)
+    # no seam jumps (the old rule passed it), but the track stops
+    assert max(verdict["seam_jumps"]) <= verdict["inner_step_max"] + de.SEAM_SLACK
+    assert not verdict["ok"] and verdict["seam_speeds"][0] < 0.1, verdict
+    crawl = np.concatenate([clip[:8], _shifted_track(spec, start=7, speed=0.3, frames=14)])
+    verdict = de.seams(crawl, spec.caption, loop_frames=8, cut=1)
+    assert not verdict["ok"] and 0.1 < verdict["seam_speeds"][0] < de.SEAM_SPEED_MIN, verdict
+    back = np.concatenate([clip[:8], clip[6::-1], clip[:7]])
+    assert not de.seams(back, spec.caption, loop_frames=8, cut=1)["ok"]
+
+
+def _shifted_track(spec, start, speed, frames, total=22):
+    """Frames continuing spec's clip from its frame `start` at `speed` times its speed."""
+    per_frame = spec.travel / (total - 1)
+    dx, dy = dd.DIRECTIONS[spec.motion]
+    x = spec.x0 + dx * per_frame * start
+    y = spec.y0 + dy * per_frame * start
+    follow = dataclasses.replace(spec, x0=x, y0=y, travel=speed * per_frame * frames)
+    return dd.render_clip(follow, frames + 1, 32)[1:]
+
+
+def test_seams_stop_checking_where_the_shape_reaches_the_border():
+    # fast enough to reach the right border in loop 1 (frame 12), then held there: it continued as far
+    # as it could
+    spec = dd.ClipSpec("blue", "circle", "right", "dark", x0=0.15, y0=0.5, radius=0.1, travel=0.72)
+    part = dd.render_clip(spec, 13, 32)
+    at_edge = np.concatenate([part, np.repeat(part[12:], 9, axis=0)])
+    verdict = de.seams(at_edge, spec.caption, loop_frames=8, cut=1)
+    assert verdict["ok"], verdict
+    assert np.isnan(verdict["seam_speeds"][1])  # at the border before the second seam: not checked
+    # the same stop in the middle of the frame fails
+    mid = dd.render_clip(dataclasses.replace(spec, travel=0.4), 22, 32)
+    stopped = np.concatenate([mid[:15], np.repeat(mid[14:15], 7, axis=0)])
+    assert not de.seams(stopped, spec.caption, loop_frames=8, cut=1)["ok"]

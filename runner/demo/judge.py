@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runner.demo.data import PALETTE, parse_caption
+from runner.demo.data import DIRECTIONS, MARGIN, PALETTE, parse_caption
 
 # A pixel belongs to a colour when that colour is its nearest palette entry and it lies within
 # this RGB distance. Palette colours are >= 125 apart and >= 115 from any background, so 70
@@ -245,6 +245,10 @@ POSITION_TOLERANCE = 0.1
 
 
 SEAM_SLACK = 0.05  # frame fractions a seam's step may exceed the largest step inside the loops
+# After a seam a moving track must keep at least this share of loop 0's speed along the captioned
+# direction (a frozen or crawling loop, or one turned back, fails), until the shape reaches the
+# frame's border on the side it heads to: no training clip goes past it, so the check stops there.
+SEAM_SPEED_MIN = 0.5
 
 
 def track(video, colour: str) -> tuple[np.ndarray, np.ndarray]:
@@ -282,14 +286,34 @@ def continuation(video, source, caption: str, given: int) -> dict:
             "ok": bool(colour_ok and motion_ok and position_ok)}
 
 
+def _leading_room(mask: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """Per frame of a (T, H, W) mask: pixels between the shape's leading side and the border it
+    heads to (0: touching it; the frame's size where the shape is absent)."""
+    h, w = mask.shape[1:]
+    cols, rows = mask.any(1), mask.any(2)  # (T, W), (T, H)
+    def room(hits, n, d):
+        idx = np.arange(n)
+        if d > 0:
+            return np.where(hits.any(1), n - 1 - np.where(hits, idx, -1).max(1), n)
+        return np.where(hits.any(1), np.where(hits, idx, n).min(1), n)
+    return room(cols, w, dx) if dx else room(rows, h, dy)
+
+
 def seams(video, caption: str, loop_frames: int, cut: int) -> dict:
     """Loops stitched into one video (each `loop_frames` long, the later ones without their first `cut`
-    frames): does the track continue across every seam? At a seam the centroid must not move further
-    than the largest step inside the loops plus SEAM_SLACK; the colour must be present in at least
-    MIN_PRESENT_FRAMES of all frames. Per loop, the motion `judge` reads (loop 0 = frames 0..loop_frames-1)."""
+    frames): does the track continue across every seam?
+
+    ok when the colour is present in at least MIN_PRESENT_FRAMES of all frames; no seam moves the
+    centroid further than the largest step inside the loops plus SEAM_SLACK; and, for a moving
+    caption, loop 0 reads as the captioned motion and after every seam the shape keeps moving that
+    way at SEAM_SPEED_MIN of loop 0's speed or more, up to the frame where it touches the border
+    (it may stop or leave there). Per loop, the motion `judge` reads (loop 0 = frames
+    0..loop_frames-1) is reported too.
+    """
     v = as_uint8_video(video)
-    colour = parse_caption(caption)["colour"]
-    centres, present = track(v, colour)
+    want = parse_caption(caption)
+    mask = colour_mask(v, want["colour"])
+    centres, present = _centroids(mask)
     step = loop_frames - cut
     starts = [0] + [loop_frames + i * step for i in range((v.shape[0] - loop_frames) // step)]
     steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
@@ -303,9 +327,35 @@ def seams(video, caption: str, loop_frames: int, cut: int) -> dict:
         lo = max(0, s - cut)
         loops.append(judge(v[lo:lo + loop_frames], caption)["motion_pred"])
     colour_ok = bool(present.mean() >= MIN_PRESENT_FRAMES)
+    speeds = [float("nan")] * (len(starts) - 1)  # per seam: speed after it / loop 0's, up to the border
+    moving_ok = True
+    dx, dy = DIRECTIONS[want["motion"]] if want["motion"] else (0, 0)
+    if dx or dy:
+        along = centres @ np.array([dx, dy], dtype=float)  # position in the captioned direction
+        room = _leading_room(mask, dx, dy)
+        # at the border: as close as the data's shapes come to it (MARGIN; their edge pixels are
+        # partly covered and may miss the colour mask)
+        border = max(1, round(MARGIN * (v.shape[2] if dx else v.shape[1])))
+        first = loops[0] == want["motion"] and present[0] and present[loop_frames - 1]
+        v0 = (along[loop_frames - 1] - along[0]) / (loop_frames - 1) if first else 0.0
+        moving_ok = bool(first and v0 > 0)
+        for k, s in enumerate(starts[1:]):
+            a = s - 1  # the last frame before the seam
+            if not present[a]:  # lost before the seam: no track to continue (speed left nan)
+                moving_ok = False
+                continue
+            if room[a] <= border:  # at the border already: nothing left to continue into (nan)
+                continue
+            end = min(s + step, v.shape[0]) - 1
+            b = next((t for t in range(s, end + 1) if not present[t] or room[t] <= border), end)
+            if not present[b]:  # lost before it reached the border
+                speeds[k], moving_ok = 0.0, False
+                continue
+            speeds[k] = float((along[b] - along[a]) / (b - a) / v0) if v0 > 0 else 0.0
+            moving_ok &= speeds[k] >= SEAM_SPEED_MIN
     return {"caption": caption, "frames": int(v.shape[0]), "seam_jumps": jumps, "inner_step_max": limit - SEAM_SLACK,
-            "loop_motions": loops, "colour_ok": colour_ok,
-            "ok": bool(colour_ok and all(j <= limit for j in jumps))}
+            "seam_speeds": speeds, "loop_motions": loops, "colour_ok": colour_ok, "moving_ok": moving_ok,
+            "ok": bool(colour_ok and moving_ok and all(j <= limit for j in jumps))}
 
 
 # --- fidelity metrics --------------------------------------------------------------------------
