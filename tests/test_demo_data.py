@@ -185,9 +185,30 @@ def test_inside_start_moves_at_edge_speed_from_anywhere_its_path_fits():
     assert middle > 0.6 * len(moving)
 
 
+def test_through_start_leaves_the_frame_where_its_path_runs_out():
+    rng = np.random.default_rng(13)
+    moving = [s for s in (dd.sample_spec(rng, "train", start="through") for _ in range(300)) if s.motion != "still"]
+    clips = dd.render_batch(moving, 8, 32)
+    ends = np.array([s.centres(2)[1] for s in moving])
+    radius = np.array([s.radius for s in moving])[:, None]
+    gone = ((ends - radius < 0) | (ends + radius > 1)).any(1)  # past the border at the last frame
+    assert 0.2 < gone.mean() < 0.9
+    for s, clip in zip(moving, clips):
+        assert s.leaves and dd.EDGE_TRAVEL_RANGE[0] <= s.travel <= dd.EDGE_TRAVEL_RANGE[1]
+        assert (s.centres(1) - s.radius >= 0).all() and (s.centres(1) + s.radius <= 1).all()  # starts inside
+    bg = {"dark": 24, "light": 215}
+    # a shape at least a quarter out at the end shows less of its colour in the last frame than the first
+    area = lambda f, c: (np.abs(f.astype(int) - dd.PALETTE[c]).sum(-1) < 60).sum()
+    half_out = ((ends < radius / 2) | (ends > 1 - radius / 2)).any(1)
+    out = [i for i in np.flatnonzero(half_out) if moving[i].background in bg]
+    assert out and all(area(clips[i][-1], moving[i].colour) < area(clips[i][0], moving[i].colour) for i in out)
+    with pytest.raises(ValueError, match="leaves the frame"):
+        dataclasses.replace(moving[int(np.flatnonzero(gone)[0])], leaves=False).validate()
+
+
 def test_per_sample_starts_draw_the_same_numbers():
     # a batch mixing starts is, sample for sample, the one-start batch's clip where the starts agree
-    starts = ["edge", "inside", "anywhere", "edge"] * 4
+    starts = ["edge", "inside", "anywhere", "through"] * 4
     mixed = dd.make_batch(np.random.default_rng(3), 16, 8, 16, start=starts)
     edge = dd.make_batch(np.random.default_rng(3), 16, 8, 16, start="edge")
     assert mixed[1] == edge[1]

@@ -144,6 +144,8 @@ class ClipSpec:
     radius: half the side of the shape's bounding box.
     travel: distance the centre covers over the whole clip (0 for "still").
     texture_phase: stripe phase of the textured background, in radians.
+    leaves: the path may run past the frame's border (the shape leaves the frame); the first frame
+        is inside it either way.
     """
 
     colour: str
@@ -155,6 +157,7 @@ class ClipSpec:
     radius: float = 0.15
     travel: float = 0.0
     texture_phase: float = 0.0
+    leaves: bool = False
 
     @property
     def caption(self) -> str:
@@ -173,7 +176,7 @@ class ClipSpec:
             raise ValueError(f"unknown motion/background in {self}")
         if self.motion == "still" and self.travel != 0:
             raise ValueError("a still shape must have travel 0")
-        ends = self.centres(2)
+        ends = self.centres(2)[:1] if self.leaves else self.centres(2)
         # The whole shape stays inside the frame at both ends, hence at every frame in between.
         if ends.min() - self.radius < 0 or ends.max() + self.radius > 1:
             raise ValueError(f"shape leaves the frame: {self}")
@@ -191,8 +194,9 @@ MARGIN = 0.05
 # in opposite frame order; with "edge" "left" also means "on the right", a part of the caption's
 # effect that depends on the word and the position only, which a model picks up first (README).
 # "inside": edge's speed, starting anywhere its path fits (given frames in the middle of the frame,
-# as a loop's carried-over frame is).
-STARTS: tuple[str, ...] = ("anywhere", "edge", "inside")
+# as a loop's carried-over frame is); "through": edge's speed from anywhere in the frame, and the
+# shape leaves it where its path runs out (as a loop's track must, once it reaches the border).
+STARTS: tuple[str, ...] = ("anywhere", "edge", "inside", "through")
 EDGE_BAND = 0.05
 EDGE_TRAVEL_RANGE = (0.30, 0.35)
 
@@ -227,13 +231,15 @@ def _sample_geometry(rng: np.random.Generator, motion: str, start: str = "anywhe
             return rng.uniform(lo, hi)
         if start == "edge":
             return rng.uniform(hi - EDGE_BAND, hi) if d < 0 else rng.uniform(lo, lo + EDGE_BAND)
+        if start == "through":
+            return rng.uniform(lo, hi)
         return rng.uniform(lo - min(d, 0) * travel, hi - max(d, 0) * travel)  # room for the whole path
 
     x0 = along(dx)
     y0 = along(dy)
     phase = rng.uniform(0, 2 * np.pi)
     return {"x0": float(x0), "y0": float(y0), "radius": float(radius), "travel": float(travel),
-            "texture_phase": float(phase)}
+            "texture_phase": float(phase), "leaves": start == "through" and travel > 0}
 
 
 def spec_from_caption(
