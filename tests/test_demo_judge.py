@@ -349,7 +349,7 @@ def test_seams_of_a_continuous_track_pass_and_a_jump_fails():
     assert verdict["seam_jumps"][0] <= verdict["inner_step_max"] + de.SEAM_SLACK
 
 
-def test_seams_fail_a_track_that_freezes_crawls_or_turns_back_after_loop_0():
+def test_seams_fail_a_track_that_freezes_crawls_rushes_or_turns_back_after_loop_0():
     spec = dd.ClipSpec("red", "square", "right", "dark", x0=0.2, y0=0.5, radius=0.1, travel=0.6)
     clip = dd.render_clip(spec, 22, 32)  # 0.6 over 21 frames: reaches no border
     verdict = de.seams(clip, spec.caption, loop_frames=8, cut=1)
@@ -362,6 +362,9 @@ def test_seams_fail_a_track_that_freezes_crawls_or_turns_back_after_loop_0():
     crawl = np.concatenate([clip[:8], _shifted_track(spec, start=7, speed=0.3, frames=14)])
     verdict = de.seams(crawl, spec.caption, loop_frames=8, cut=1)
     assert not verdict["ok"] and 0.1 < verdict["seam_speeds"][0] < de.SEAM_SPEED_MIN, verdict
+    rush = np.concatenate([clip[:8], _shifted_track(spec, start=7, speed=3.0, frames=14)])  # to the border at 3x
+    verdict = de.seams(rush, spec.caption, loop_frames=8, cut=1)
+    assert not verdict["ok"] and verdict["seam_speeds"][0] > de.SEAM_SPEED_MAX, verdict
     back = np.concatenate([clip[:8], clip[6::-1], clip[:7]])
     assert not de.seams(back, spec.caption, loop_frames=8, cut=1)["ok"]
 
@@ -372,7 +375,7 @@ def _shifted_track(spec, start, speed, frames, total=22):
     dx, dy = dd.DIRECTIONS[spec.motion]
     x = spec.x0 + dx * per_frame * start
     y = spec.y0 + dy * per_frame * start
-    follow = dataclasses.replace(spec, x0=x, y0=y, travel=speed * per_frame * frames)
+    follow = dataclasses.replace(spec, x0=x, y0=y, travel=speed * per_frame * frames, leaves=True)
     return dd.render_clip(follow, frames + 1, 32)[1:]
 
 

@@ -245,10 +245,12 @@ POSITION_TOLERANCE = 0.1
 
 
 SEAM_SLACK = 0.05  # frame fractions a seam's step may exceed the largest step inside the loops
-# After a seam a moving track must keep at least this share of loop 0's speed along the captioned
-# direction (a frozen or crawling loop, or one turned back, fails), until the shape reaches the
-# frame's border on the side it heads to: no training clip goes past it, so the check stops there.
+# After a seam a moving track must keep between these multiples of loop 0's speed along the
+# captioned direction (a frozen, crawling or turned-back loop fails, and so does one that rushes on),
+# until the shape reaches the frame's border on the side it heads to, where the check stops: the
+# training data's speeds differ by 17% at most, and no edge-start clip goes past the border.
 SEAM_SPEED_MIN = 0.5
+SEAM_SPEED_MAX = 2.0
 
 
 def track(video, colour: str) -> tuple[np.ndarray, np.ndarray]:
@@ -306,8 +308,8 @@ def seams(video, caption: str, loop_frames: int, cut: int) -> dict:
     ok when the colour is present in at least MIN_PRESENT_FRAMES of all frames; no seam moves the
     centroid further than the largest step inside the loops plus SEAM_SLACK; and, for a moving
     caption, loop 0 reads as the captioned motion and after every seam the shape keeps moving that
-    way at SEAM_SPEED_MIN of loop 0's speed or more, up to the frame where it touches the border
-    (it may stop or leave there). Per loop, the motion `judge` reads (loop 0 = frames
+    way at SEAM_SPEED_MIN to SEAM_SPEED_MAX times loop 0's speed, up to the frame where it reaches
+    the border (it may stop or leave there). Per loop, the motion `judge` reads (loop 0 = frames
     0..loop_frames-1) is reported too.
     """
     v = as_uint8_video(video)
@@ -352,7 +354,7 @@ def seams(video, caption: str, loop_frames: int, cut: int) -> dict:
                 speeds[k], moving_ok = 0.0, False
                 continue
             speeds[k] = float((along[b] - along[a]) / (b - a) / v0) if v0 > 0 else 0.0
-            moving_ok &= speeds[k] >= SEAM_SPEED_MIN
+            moving_ok &= SEAM_SPEED_MIN <= speeds[k] <= SEAM_SPEED_MAX
     return {"caption": caption, "frames": int(v.shape[0]), "seam_jumps": jumps, "inner_step_max": limit - SEAM_SLACK,
             "seam_speeds": speeds, "loop_motions": loops, "colour_ok": colour_ok, "moving_ok": moving_ok,
             "ok": bool(colour_ok and moving_ok and all(j <= limit for j in jumps))}
