@@ -347,8 +347,8 @@ def print_result(res: dict, label: str = "held-out captions") -> None:
               f"mean position error {c['mean_position_error']:.3f} of the frame)")
     if "loops" in res:
         lp = res["loops"]
-        print(f"loop={lp['loop']} ({lp['frames']} frames) on the {lp['videos']} captions: the track continues across the seams in "
-              f"{lp['seams_ok']:.1%}; loops moving as captioned: "
+        print(f"loop={lp['loop']} ({lp['frames']} frames) on the {lp['videos']} captions: the track continues "
+              f"across the seams in {lp['seams_ok']:.1%}; loops moving as captioned: "
               + ", ".join(f"loop {i} {v:.1%}" for i, v in enumerate(lp["loop_motion"])))
 
 

@@ -154,9 +154,10 @@ class TrainConfig:
     # demo_data.STARTS: where a moving shape starts on its axis. "edge" (the shipped run): at the
     # edge it moves away from, so the direction word also says where the shape starts.
     data_start: str = "edge"
-    # Where a moving shape starts in samples with given frames; null: data_start. "inside" shows the
-    # model given frames in the middle of the frame, as a loop's carried-over frame is (an edge start
-    # only ever gives it a shape at the edge); the caption needs no position cue there.
+    # Where a moving shape starts in samples with given frames; null: data_start. An edge start only
+    # ever gives the model a shape at the edge, a loop's carried-over frame has it mid-frame:
+    # "inside" / "through" show that (through: the shape may leave the frame, as a loop's track must
+    # once it reaches the border). The given frames hold the position, so no caption cue is lost.
     masked_start: Optional[str] = None
     num_frames: int = 8
     size: int = 32
@@ -342,10 +343,10 @@ def train(cfg: TrainConfig) -> dict:
     check_output_dir(cfg.output_dir)  # before anything is written
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
-    for name in ("data_start", "masked_start"):
-        value = getattr(cfg, name)
-        if value not in demo_data.STARTS and not (name == "masked_start" and value is None):
-            raise ValueError(f"{name} must be one of {demo_data.STARTS}, not {value!r}")
+    if cfg.data_start not in demo_data.STARTS:
+        raise ValueError(f"data_start must be one of {demo_data.STARTS}, not {cfg.data_start!r}")
+    if cfg.masked_start is not None and cfg.masked_start not in demo_data.STARTS:
+        raise ValueError(f"masked_start must be one of {demo_data.STARTS} or null, not {cfg.masked_start!r}")
     if not (0 <= cfg.t_uniform_min < 1 and 0 <= cfg.t_uniform_share <= 1):
         raise ValueError("t_uniform_min must be in [0, 1) and t_uniform_share in [0, 1]")
     pt = cfg.arch.patch_size[0]
