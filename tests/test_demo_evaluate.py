@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from runner.demo import data as demo_data
 from runner.demo import evaluate as ev
 from runner.demo import judge
 from runner.families import build_pipeline
+from runner.video import to_uint8
 from tests.helpers import make_cfg
 
 SETTINGS = ("model=demo-random", "num_frames=4", "height=16", "width=16", "sampler.num_steps=2", "progress=false")
@@ -70,3 +72,39 @@ def test_given_frames_is_condition_extend():
 def test_bad_evaluator_arguments(args, words):
     with pytest.raises(SystemExit, match=words):
         ev.main(["model=demo-random", *args])
+
+
+def test_first_step_at_a_noise_level():
+    ts = [1000.0, 600.0, 200.0]
+    assert [ev.first_step_at(ts, lv, 1000) for lv in (1.0, 0.7, 0.6, 0.5, 0.2)] == [0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="below the sampler's last step"):
+        ev.first_step_at(ts, 0.1, 1000)
+
+
+@pytest.mark.parametrize("level", [0.3, 0.8])
+def test_denoise_starts_from_the_clip_noised_to_the_level(level, monkeypatch):
+    """A model that predicts no velocity leaves the start as it is: the clip noised to the sampler's
+    step at `level` with the seed's noise. An oracle that knows the clip brings it back exactly, so
+    every shape is kept (the judge reads every training clip's shape right)."""
+    cfg = make_cfg("model=demo-random", "num_frames=4", "height=32", "width=32", "sampler.num_steps=5", "progress=false")
+    pipe = build_pipeline(cfg.model, torch.device("cpu"), torch.float32)
+    specs, clips = ev.continuation_clips(6, 4, 32)
+    x0 = demo_data.to_model_range(clips)
+    starts = []
+    monkeypatch.setattr(pipe.dit, "forward", lambda z, t, *a, **k: (starts.append(float(t[0])), torch.zeros_like(z))[1])
+    still = []
+    monkeypatch.setattr(judge, "judge", lambda v, caption: still.append(v) or {"shape_pred": None, "ok": False})
+    _, start = ev.run_denoise(pipe, cfg, level, specs, clips)
+    t = starts[0] / 1000
+    assert t <= level and len(starts) == 5 - start  # the first step at or below the level, then the rest
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed))
+    assert np.array_equal(np.stack(still), np.stack([to_uint8(v) for v in (1 - t) * x0 + t * eps]))
+    monkeypatch.undo()
+
+    def oracle(z, t, *a, **k):  # rectified flow: v = (x0 - x_t) / t for the [cond; null] batch
+        return (torch.cat([x0, x0]) - z) / (t / 1000)[:, None, None, None, None]
+
+    monkeypatch.setattr(pipe.dit, "forward", oracle)
+    items, _ = ev.run_denoise(pipe, cfg, level, specs, clips)
+    score = ev.score_denoise(items, specs)
+    assert score["shape"] == 1.0 and score["colour_motion"] == 1.0 and sum(n for _, n in score["per_shape"].values()) == 6

@@ -10,11 +10,16 @@ and with loop=N, does the track continue across the seams (`judge.seams`)?
     python -m runner.demo.evaluate --given --loop 1         # text-to-video only
     python -m runner.demo.evaluate --seeds 2 cache=adacache # any generation override after the flags
     python -m runner.demo.evaluate --response-only          # seconds: how each caption word moves t = 1
+    python -m runner.demo.evaluate --denoise 0.25 0.5       # shape kept when finishing noised clips
 
 The caption response compares what the model predicts from pure noise (t = 1, where the sampler
 lays the clip out) for two captions that differ in one word with how the training clips' mean
 differs between them: a gain near 1 and cosine near 1 mean the word is followed from the first
 step; a gain near 0 means the word is ignored there and the layout comes from the noise.
+
+`--denoise T` noises training clips to the sampler's step at noise level T and lets the sampler
+finish them: the share whose shape is still read right tells from which noise level on the model
+turns shapes into blobs (a shape lost from a real clip at T is not a layout problem above T).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from runner.assemble import assemble
 from runner.families import build_pipeline
 from runner import conditioning
 from runner.generate import generate_one, prompt_seed, sample_prompt
+from runner.sampler import make_timesteps, sample
 from runner.video import to_uint8
 
 
@@ -219,6 +225,66 @@ def score_loops(items: list[dict], motions) -> dict:
                             for k in range(loops)]}
 
 
+def first_step_at(timesteps: list[float], level: float, num_timesteps: int) -> int:
+    """Index of the sampler's first step at noise level `level` (t / num_timesteps) or below."""
+    for i, t in enumerate(timesteps):
+        if t <= level * num_timesteps + 1e-6:
+            return i
+    raise ValueError(f"noise level {level} is below the sampler's last step, t = {timesteps[-1] / num_timesteps:.3f}")
+
+
+@torch.no_grad()
+def run_denoise(pipe, cfg: Config, level: float, specs, clips) -> tuple[list[dict], int]:
+    """Noise every clip (uint8 (B, T, H, W, 3)) to the sampler's first step at `level` or below, as
+    rectified flow does (x_t = (1 - t) x0 + t eps, eps from cfg.seed), let the sampler finish it with
+    its caption (CFG as configured) and judge it. Returns the judgements and that step's index."""
+    s = cfg.sampler
+    height, width = pipe.conditioning_size(cfg.height, cfg.width)
+    timesteps = make_timesteps(s, height, width, cfg.num_frames)
+    start = first_step_at(timesteps, level, s.num_timesteps)
+    t = timesteps[start] / s.num_timesteps
+    dtype = pipe.dit.x_embedder.proj.weight.dtype
+    x0 = demo_data.to_model_range(clips).to(pipe.device, dtype)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(pipe.device, dtype)
+    cond = pipe.encode_text([spec.caption for spec in specs])  # [cond; null], as the sampler's batch
+
+    def model_fn(z_in, t_in, info):
+        return pipe.dit(z_in.to(dtype), t_in, cond.y.to(dtype), cond.mask, fps=cfg.fps, height=height, width=width)
+
+    z = sample(model_fn, (1 - t) * x0 + t * eps, s, timesteps, pipe.latent_channels, start=start)
+    return [judge.judge(to_uint8(v), spec.caption) for v, spec in zip(z, specs)], start
+
+
+def score_denoise(items: list[dict], specs) -> dict:
+    """Shape read right, overall and per shape (right / clips), and colour + direction."""
+    per_shape = {}
+    for it, spec in zip(items, specs):
+        right, n = per_shape.get(spec.shape, (0, 0))
+        per_shape[spec.shape] = (right + (it["shape_pred"] == spec.shape), n + 1)
+    return {"clips": len(items), "shape": float(np.mean([it["shape_pred"] == sp.shape for it, sp in zip(items, specs)])),
+            "colour_motion": float(np.mean([it["ok"] for it in items])), "per_shape": dict(sorted(per_shape.items()))}
+
+
+def denoise(cfg: Config, levels, clips: int = 30) -> list[dict]:
+    pipe = load_pipeline(cfg)
+    specs, videos = continuation_clips(clips, cfg.num_frames, cfg.height, start=trained_start(pipe))
+    out = []
+    for level in levels:
+        items, start = run_denoise(pipe, cfg, level, specs, videos)
+        n = cfg.sampler.num_steps
+        ts = make_timesteps(cfg.sampler, *pipe.conditioning_size(cfg.height, cfg.width), cfg.num_frames)
+        out.append({"level": level, "t": ts[start] / cfg.sampler.num_timesteps, "steps": n - start,
+                    **score_denoise(items, specs)})
+    return out
+
+
+def print_denoise(rows: list[dict]) -> None:
+    for r in rows:
+        shapes = ", ".join(f"{k} {a}/{n}" for k, (a, n) in r["per_shape"].items())
+        print(f"denoised from t = {r['t']:.3f} ({r['steps']} steps), {r['clips']} training clips: shape kept "
+              f"{r['shape']:.1%} ({shapes}), colour + direction {r['colour_motion']:.1%}")
+
+
 def load_pipeline(cfg: Config):
     device = resolve_device(cfg.device)
     return build_pipeline(cfg.model, device, resolve_dtype(cfg.model.dtype, device))
@@ -281,6 +347,9 @@ def main(argv=None) -> None:
     ap.add_argument("--clips", type=int, default=20, help="training clips per continuation score")
     ap.add_argument("--response-only", action="store_true",
                     help="only the caption response at t = 1 (no sampling, seconds)")
+    ap.add_argument("--denoise", type=float, nargs="+", metavar="T",
+                    help="only this: training clips noised to level T (0 to 1) and finished by the sampler, "
+                         "is their shape kept?")
     ap.add_argument("overrides", nargs="*", help="generation overrides, e.g. sampler.num_steps=30")
     args = ap.parse_args(argv)
     cfg = compose_config(["progress=false", *args.overrides])
@@ -289,6 +358,13 @@ def main(argv=None) -> None:
     if args.response_only:
         res = {"response": response(cfg)}
         print_response(res["response"])
+    elif args.denoise:
+        if cfg.height != cfg.width:
+            raise SystemExit("--denoise needs square frames")
+        if any(not 0 < t <= 1 for t in args.denoise):
+            raise SystemExit("--denoise takes noise levels in (0, 1]")
+        res = {"denoise": denoise(cfg, args.denoise, args.clips)}
+        print_denoise(res["denoise"])
     else:
         heldout = args.split == "heldout"
         given = args.given if args.given is not None else sorted({1, cfg.num_frames // 2})
