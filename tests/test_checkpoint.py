@@ -39,7 +39,8 @@ PROMPT = "a red circle moves left"
 SMALL = ("model=demo", "num_frames=4", "height=16", "width=16", "progress=false", "device=cpu", "save_latent=true",
          "check_memory=false", f"prompt={PROMPT}")
 # AdaCache's published codebook is for 30 steps; without a cache fewer steps do
-STEPS = {"none": 12, "adacache": 30, "adacache-moreg": 30, "teacache": 30, "fbcache": 30}
+STEPS = {"none": 12, "adacache": 30, "adacache-moreg": 30, "teacache": 30, "fbcache": 30, "deltadit": 12,
+         "deltadit-port": 12}
 CACHES = tuple(STEPS)
 # These decide inside a step whether it reuses: every step boundary is one where a stop can land.
 DECIDED_IN_STEP = {"teacache", "fbcache"}

@@ -21,7 +21,8 @@ refreshes. Open-Sora: steps 0..5, layers 0..5, gap 2 -> steps 1, 3, 5 skip 12 of
 port adds h_in - h_out, the negative of Delta (a likely sign error); `deltadit_negate` reproduces it.
 
 The schedule is a pure function of the step index: no agreement traffic. A skipped span's blocks
-are not called, so under a layout their collectives do not run either.
+are not called, so under a layout their collectives do not run either. Step checkpoints land
+before refresh steps (which take Delta anew), so they hold no tensor.
 """
 
 from __future__ import annotations
@@ -173,6 +174,18 @@ class DeltaDiT(CachePolicy):
 
     def release(self) -> None:
         self._delta = None
+
+    # -- step checkpoints: the schedule is fixed, so only refresh steps are stop boundaries (a cached
+    # step stays free of communication). A refresh step takes Delta anew, so the state is the
+    # schedule's position alone (the base's), no tensor.
+    checkpointable = True
+
+    def will_compute(self, index: int) -> bool:
+        return self.plan is None or self.plan[index][1]  # no plan yet: step 0, which refreshes
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.plan = None if self.num_steps is None else self._plan(self.num_steps)  # None: before step 0
 
     def blocks_run(self) -> list[int]:
         """Blocks called per announced step."""
