@@ -40,10 +40,11 @@ SMALL = ("model=demo", "num_frames=4", "height=16", "width=16", "progress=false"
          "check_memory=false", f"prompt={PROMPT}")
 # AdaCache's published codebook is for 30 steps; without a cache fewer steps do
 STEPS = {"none": 12, "adacache": 30, "adacache-moreg": 30, "teacache": 30, "fbcache": 30, "deltadit": 12,
-         "deltadit-port": 12}
+         "deltadit-port": 12, "pab246": 30}
 CACHES = tuple(STEPS)
-# These decide inside a step whether it reuses: every step boundary is one where a stop can land.
-DECIDED_IN_STEP = {"teacache", "fbcache"}
+# These decide inside a step whether it reuses (PAB: from the step's timestep): every step boundary
+# is one where a stop can land.
+DECIDED_IN_STEP = {"teacache", "fbcache", "pab246"}
 
 
 def _boundaries(cache, rep) -> list[int]:
@@ -240,7 +241,10 @@ def test_a_bad_checkpoint_is_refused_and_not_used(tmp_path, stopped_checkpoint, 
     assert not os.path.exists(target)  # ours (stale) and the video is written
 
 
-def test_a_policy_without_state_warns_once_and_writes_nothing(tmp_path, capsys):
+def test_a_policy_without_state_warns_once_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from runner.cache.pab import PAB
+
+    monkeypatch.setattr(PAB, "checkpointable", False)  # every shipped policy has state; a new one may not
     (rep,) = generate(make_cfg(*SMALL, "cache=pab246", "checkpoint.every_steps=2", f"output_dir={tmp_path}"))
     err = capsys.readouterr().err
     assert err.count("cache=pab has no step checkpoints: checkpoint.every_steps=2 is ignored") == 1, err

@@ -152,6 +152,30 @@ class PAB(CachePolicy):
     def release(self) -> None:
         self.branches.clear()
 
+    # -- step checkpoints: the rule is a host function of the step and its timestep, which the stop
+    # check before a step does not see, and a step that reuses still runs most of its collectives, so
+    # every boundary may hold one (as TeaCache's). The state: the MLP countdown, the pattern so far and
+    # the kept branch outputs, as bands (B, T, S_r, C): the residual stream's layout, whatever a
+    # layout does inside attention.
+    checkpointable = True
+
+    def state(self) -> dict:
+        out = super().state()
+        out["meta"].update(mlp_left=self.schedule.left, kinds={k: list(v) for k, v in self.kinds.items()},
+                           units=list(self.units))
+        out["tensors"] = {f"{kind}.{layer}.{slot}": t for (kind, layer, slot), t in self.branches.kept.items()}
+        out["bands"] = {name: 2 for name in out["tensors"]}
+        return out
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        meta = state["meta"]
+        self.schedule.left, self.units = meta["mlp_left"], list(meta["units"])
+        self.kinds = {k: list(v) for k, v in meta["kinds"].items()}
+        for name, t in state["tensors"].items():
+            kind, layer, slot = name.split(".")
+            self.branches.kept[(kind, int(layer), slot)] = t
+
     def computed_fraction(self) -> float | None:
         return self.units[0] / self.units[1] if self.units[1] else None
 
