@@ -68,7 +68,9 @@ def test_given_frames_is_condition_extend():
     assert not plan.videos and [str(e) for e in plan.entries] == ["1,0,-1,0,1,0", "2,1,-1,0,1,0"]
 
 
-@pytest.mark.parametrize("args,words", [(["--given", "99"], "--given takes 1 to"), (["--loop", "0"], "--loop")])
+@pytest.mark.parametrize("args,words", [(["--given", "99"], "--given takes 1 to"), (["--loop", "0"], "--loop"),
+                                        (["--denoise", "0"], r"levels in \(0, 1\]"),
+                                        (["--denoise", "0.001", "--clips", "1"], "below the sampler's last step")])
 def test_bad_evaluator_arguments(args, words):
     with pytest.raises(SystemExit, match=words):
         ev.main(["model=demo-random", *args])
@@ -94,9 +96,8 @@ def test_denoise_starts_from_the_clip_noised_to_the_level(level, monkeypatch):
     monkeypatch.setattr(pipe.dit, "forward", lambda z, t, *a, **k: (starts.append(float(t[0])), torch.zeros_like(z))[1])
     still = []
     monkeypatch.setattr(judge, "judge", lambda v, caption: still.append(v) or {"shape_pred": None, "ok": False})
-    _, start = ev.run_denoise(pipe, cfg, level, specs, clips)
-    t = starts[0] / 1000
-    assert t <= level and len(starts) == 5 - start  # the first step at or below the level, then the rest
+    _, start, t = ev.run_denoise(pipe, cfg, level, specs, clips)
+    assert t == pytest.approx(starts[0] / 1000) and t <= level and len(starts) == 5 - start  # the first step at or below the level, then the rest
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed))
     assert np.array_equal(np.stack(still), np.stack([to_uint8(v) for v in (1 - t) * x0 + t * eps]))
     monkeypatch.undo()
@@ -105,6 +106,6 @@ def test_denoise_starts_from_the_clip_noised_to_the_level(level, monkeypatch):
         return (torch.cat([x0, x0]) - z) / (t / 1000)[:, None, None, None, None]
 
     monkeypatch.setattr(pipe.dit, "forward", oracle)
-    items, _ = ev.run_denoise(pipe, cfg, level, specs, clips)
+    items, _, _ = ev.run_denoise(pipe, cfg, level, specs, clips)
     score = ev.score_denoise(items, specs)
     assert score["shape"] == 1.0 and score["colour_motion"] == 1.0 and sum(n for _, n in score["per_shape"].values()) == 6

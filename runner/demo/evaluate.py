@@ -234,10 +234,10 @@ def first_step_at(timesteps: list[float], level: float, num_timesteps: int) -> i
 
 
 @torch.no_grad()
-def run_denoise(pipe, cfg: Config, level: float, specs, clips) -> tuple[list[dict], int]:
+def run_denoise(pipe, cfg: Config, level: float, specs, clips) -> tuple[list[dict], int, float]:
     """Noise every clip (uint8 (B, T, H, W, 3)) to the sampler's first step at `level` or below, as
     rectified flow does (x_t = (1 - t) x0 + t eps, eps from cfg.seed), let the sampler finish it with
-    its caption (CFG as configured) and judge it. Returns the judgements and that step's index."""
+    its caption (CFG as configured) and judge it. Returns the judgements, that step's index and t."""
     s = cfg.sampler
     height, width = pipe.conditioning_size(cfg.height, cfg.width)
     timesteps = make_timesteps(s, height, width, cfg.num_frames)
@@ -252,7 +252,7 @@ def run_denoise(pipe, cfg: Config, level: float, specs, clips) -> tuple[list[dic
         return pipe.dit(z_in.to(dtype), t_in, cond.y.to(dtype), cond.mask, fps=cfg.fps, height=height, width=width)
 
     z = sample(model_fn, (1 - t) * x0 + t * eps, s, timesteps, pipe.latent_channels, start=start)
-    return [judge.judge(to_uint8(v), spec.caption) for v, spec in zip(z, specs)], start
+    return [judge.judge(to_uint8(v), spec.caption) for v, spec in zip(z, specs)], start, t
 
 
 def score_denoise(items: list[dict], specs) -> dict:
@@ -270,11 +270,8 @@ def denoise(cfg: Config, levels, clips: int = 30) -> list[dict]:
     specs, videos = continuation_clips(clips, cfg.num_frames, cfg.height, start=trained_start(pipe))
     out = []
     for level in levels:
-        items, start = run_denoise(pipe, cfg, level, specs, videos)
-        n = cfg.sampler.num_steps
-        ts = make_timesteps(cfg.sampler, *pipe.conditioning_size(cfg.height, cfg.width), cfg.num_frames)
-        out.append({"level": level, "t": ts[start] / cfg.sampler.num_timesteps, "steps": n - start,
-                    **score_denoise(items, specs)})
+        items, start, t = run_denoise(pipe, cfg, level, specs, videos)
+        out.append({"level": level, "t": t, "steps": cfg.sampler.num_steps - start, **score_denoise(items, specs)})
     return out
 
 
@@ -363,7 +360,10 @@ def main(argv=None) -> None:
             raise SystemExit("--denoise needs square frames")
         if any(not 0 < t <= 1 for t in args.denoise):
             raise SystemExit("--denoise takes noise levels in (0, 1]")
-        res = {"denoise": denoise(cfg, args.denoise, args.clips)}
+        try:
+            res = {"denoise": denoise(cfg, args.denoise, args.clips)}
+        except ValueError as e:  # a level below the last step
+            raise SystemExit(str(e)) from None
         print_denoise(res["denoise"])
     else:
         heldout = args.split == "heldout"
