@@ -88,7 +88,8 @@ def test_denoise_starts_from_the_clip_noised_to_the_level(level, monkeypatch):
     """A model that predicts no velocity leaves the start as it is: the clip noised to the sampler's
     step at `level` with the seed's noise. An oracle that knows the clip brings it back exactly, so
     every shape is kept (the judge reads every training clip's shape right)."""
-    cfg = make_cfg("model=demo-random", "num_frames=4", "height=32", "width=32", "sampler.num_steps=5", "progress=false")
+    cfg = make_cfg("model=demo-random", "num_frames=4", "height=32", "width=32", "sampler.num_steps=5",
+                   "progress=false")
     pipe = build_pipeline(cfg.model, torch.device("cpu"), torch.float32)
     specs, clips = ev.continuation_clips(6, 4, 32)
     x0 = demo_data.to_model_range(clips)
@@ -97,7 +98,8 @@ def test_denoise_starts_from_the_clip_noised_to_the_level(level, monkeypatch):
     still = []
     monkeypatch.setattr(judge, "judge", lambda v, caption: still.append(v) or {"shape_pred": None, "ok": False})
     _, start, t = ev.run_denoise(pipe, cfg, level, specs, clips)
-    assert t == pytest.approx(starts[0] / 1000) and t <= level and len(starts) == 5 - start  # the first step at or below the level, then the rest
+    # the first step at or below the level, then the rest
+    assert t == pytest.approx(starts[0] / 1000) and t <= level and len(starts) == 5 - start
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed))
     assert np.array_equal(np.stack(still), np.stack([to_uint8(v) for v in (1 - t) * x0 + t * eps]))
     monkeypatch.undo()
@@ -108,4 +110,5 @@ def test_denoise_starts_from_the_clip_noised_to_the_level(level, monkeypatch):
     monkeypatch.setattr(pipe.dit, "forward", oracle)
     items, _, _ = ev.run_denoise(pipe, cfg, level, specs, clips)
     score = ev.score_denoise(items, specs)
-    assert score["shape"] == 1.0 and score["colour_motion"] == 1.0 and sum(n for _, n in score["per_shape"].values()) == 6
+    assert score["shape"] == 1.0 and score["colour_motion"] == 1.0
+    assert sum(n for _, n in score["per_shape"].values()) == 6

@@ -230,7 +230,8 @@ def first_step_at(timesteps: list[float], level: float, num_timesteps: int) -> i
     for i, t in enumerate(timesteps):
         if t <= level * num_timesteps + 1e-6:
             return i
-    raise ValueError(f"noise level {level} is below the sampler's last step, t = {timesteps[-1] / num_timesteps:.3f}")
+    last = timesteps[-1] / num_timesteps
+    raise ValueError(f"noise level {level} is below the sampler's last step, t = {last:.3f}")
 
 
 @torch.no_grad()
@@ -257,12 +258,13 @@ def run_denoise(pipe, cfg: Config, level: float, specs, clips) -> tuple[list[dic
 
 def score_denoise(items: list[dict], specs) -> dict:
     """Shape read right, overall and per shape (right / clips), and colour + direction."""
+    kept = [it["shape_pred"] == spec.shape for it, spec in zip(items, specs)]
     per_shape = {}
-    for it, spec in zip(items, specs):
+    for ok, spec in zip(kept, specs):
         right, n = per_shape.get(spec.shape, (0, 0))
-        per_shape[spec.shape] = (right + (it["shape_pred"] == spec.shape), n + 1)
-    return {"clips": len(items), "shape": float(np.mean([it["shape_pred"] == sp.shape for it, sp in zip(items, specs)])),
-            "colour_motion": float(np.mean([it["ok"] for it in items])), "per_shape": dict(sorted(per_shape.items()))}
+        per_shape[spec.shape] = (right + ok, n + 1)
+    return {"clips": len(items), "shape": float(np.mean(kept)), "colour_motion": float(np.mean([it["ok"] for it in items])),
+            "per_shape": dict(sorted(per_shape.items()))}
 
 
 def denoise(cfg: Config, levels, clips: int = 30) -> list[dict]:
