@@ -263,8 +263,8 @@ def score_denoise(items: list[dict], specs) -> dict:
     for ok, spec in zip(kept, specs):
         right, n = per_shape.get(spec.shape, (0, 0))
         per_shape[spec.shape] = (right + ok, n + 1)
-    return {"clips": len(items), "shape": float(np.mean(kept)), "colour_motion": float(np.mean([it["ok"] for it in items])),
-            "per_shape": dict(sorted(per_shape.items()))}
+    return {"clips": len(items), "shape": float(np.mean(kept)),
+            "colour_motion": float(np.mean([it["ok"] for it in items])), "per_shape": dict(sorted(per_shape.items()))}
 
 
 def denoise(cfg: Config, levels, clips: int = 30) -> list[dict]:
